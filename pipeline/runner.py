@@ -1,0 +1,166 @@
+"""The stage runner: decide what is stale, run it, publish it, report status.
+
+A stage is up to date when the fingerprint in its ``meta.json`` equals the one computed
+now from its config section, its input files, its parents' fingerprints and its code.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+import logging
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.artifacts import Artifacts, MissingArtifact, fingerprint, inputs_digest
+from pipeline.stages import REGISTRY
+
+log = logging.getLogger("pipeline")
+
+
+class UnknownStage(ValueError):
+    pass
+
+
+@dataclass
+class StageContext:
+    """What a stage's ``run`` gets besides its own config."""
+
+    name: str
+    out_dir: Path  # temporary folder; becomes artifacts/<name>/ on success
+    artifacts: Artifacts  # read parents through this
+    config: object  # the whole PipelineConfig, for stages that read a sibling section
+    reports_dir: Path
+    log: logging.Logger
+
+    def parent(self, stage: str) -> Path:
+        return self.artifacts.require(stage)
+
+
+def check_stage(name: str) -> None:
+    if name not in REGISTRY:
+        raise UnknownStage(f"unknown stage '{name}'; stages are: {', '.join(REGISTRY)}")
+
+
+def _code_digest(module) -> str:
+    return hashlib.sha256(inspect.getsource(module).encode()).hexdigest()[:16]
+
+
+def _config_for(cfg, name: str) -> dict:
+    module = REGISTRY[name]
+    sections = {name: dataclasses.asdict(getattr(cfg, name))}
+    for extra in getattr(module, "CONFIG_SECTIONS", ()):
+        sections[extra] = dataclasses.asdict(getattr(cfg, extra))
+    return {"seed": cfg.seed, **sections}
+
+
+def current_fingerprint(cfg, name: str, artifacts: Artifacts) -> str | None:
+    """The fingerprint ``name`` would have if built now; None while a parent is missing."""
+    module = REGISTRY[name]
+    parents = {}
+    for parent in module.PARENTS:
+        meta = artifacts.meta(parent)
+        if meta is None:
+            return None
+        parents[parent] = meta["fingerprint"]
+    return fingerprint(name, _config_for(cfg, name), inputs_digest(module.inputs(cfg)),
+                       parents, _code_digest(module))
+
+
+def state(cfg, name: str, artifacts: Artifacts) -> str:
+    meta = artifacts.meta(name)
+    if meta is None:
+        return "missing"
+    return "built" if meta.get("fingerprint") == current_fingerprint(cfg, name, artifacts) else "stale"
+
+
+def plan(only: str | None = None, start: str | None = None) -> list[str]:
+    """Stages to consider, in order. Staleness is checked as each one runs."""
+    names = list(REGISTRY)
+    if only:
+        check_stage(only)
+        return [only]
+    if start:
+        check_stage(start)
+        return names[names.index(start):]
+    return names
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    try:
+        import numpy as np
+        import torch
+
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+    except ImportError:
+        pass
+
+
+def run_stage(cfg, name: str, artifacts: Artifacts, force: bool = False) -> dict | None:
+    """Build ``name`` if stale (or forced). Returns its metrics, or None when skipped."""
+    module = REGISTRY[name]
+    for parent in module.PARENTS:
+        if artifacts.meta(parent) is None:
+            raise MissingArtifact(
+                f"stage '{name}' needs '{parent}', which is not built; "
+                f"run: python -m pipeline run --only {parent}  (or run the whole pipeline)"
+            )
+    fp = current_fingerprint(cfg, name, artifacts)
+    meta = artifacts.meta(name)
+    if not force and meta is not None and meta.get("fingerprint") == fp:
+        log.info("%-8s up to date (%s)", name, fp)
+        return None
+    log.info("%-8s building ...", name)
+    reports_dir = cfg.paths.resolve("reports")
+    reports_dir.mkdir(parents=True, exist_ok=True)
+    with artifacts.publish(name) as out_dir:
+        handler = logging.FileHandler(out_dir / "log.txt")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger().addHandler(handler)
+        started = time.time()
+        try:
+            _seed_everything(cfg.seed)
+            ctx = StageContext(name, out_dir, artifacts, cfg, reports_dir, log.getChild(name))
+            metrics = module.run(getattr(cfg, name), ctx) or {}
+            seconds = round(time.time() - started, 2)
+            artifacts.write_meta(out_dir, {
+                "stage": name, "fingerprint": fp, "profile": cfg.profile,
+                "config": _config_for(cfg, name), "parents": list(module.PARENTS),
+                "metrics": metrics, "seconds": seconds,
+            })
+            log.info("%-8s built in %.1fs: %s", name, seconds, _short(metrics))
+        finally:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+    return metrics
+
+
+def run_pipeline(cfg, only=None, start=None, force=False) -> dict[str, dict | None]:
+    artifacts = Artifacts(cfg.paths.resolve("artifacts"))
+    results = {}
+    for name in plan(only, start):
+        forced = force or (start is not None)
+        results[name] = run_stage(cfg, name, artifacts, force=forced)
+    return results
+
+
+def _short(metrics: dict, n: int = 3) -> str:
+    items = [(k, v) for k, v in metrics.items() if isinstance(v, (int, float))][:n]
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in items)
+
+
+def status_table(cfg) -> str:
+    artifacts = Artifacts(cfg.paths.resolve("artifacts"))
+    rows = [("stage", "state", "built at", "seconds", "key metrics")]
+    for name in REGISTRY:
+        meta = artifacts.meta(name) or {}
+        rows.append((name, state(cfg, name, artifacts), meta.get("written_at", "-"),
+                     str(meta.get("seconds", "-")), _short(meta.get("metrics", {})) or "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(row[:4], widths)) + "  " + row[4] for row in rows
+    )

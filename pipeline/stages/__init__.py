@@ -1,0 +1,6 @@
+"""The pipeline's stages, in the order they run. One stage, one module."""
+from pipeline.stages import base
+
+REGISTRY = {
+    "base": base,
+}
