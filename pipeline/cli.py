@@ -7,9 +7,14 @@ import sys
 
 from pipeline.artifacts import MissingArtifact
 from pipeline.config import ConfigError, load_config
+from pipeline.retrieval import commands as retrieval_commands
+from pipeline.retrieval.ingest import EmptyCorpus
+from pipeline.retrieval.retriever import MODES
+from pipeline.retrieval.store import IndexCorrupt
 from pipeline.runner import UnknownStage, run_pipeline, status_table
 
-USER_ERRORS = (ConfigError, MissingArtifact, UnknownStage, FileNotFoundError)
+USER_ERRORS = (ConfigError, MissingArtifact, UnknownStage, FileNotFoundError, EmptyCorpus,
+               IndexCorrupt, ValueError)
 
 
 def _add_profile(parser: argparse.ArgumentParser) -> None:
@@ -31,6 +36,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = commands.add_parser("status", help="table of stages: built / stale / missing")
     _add_profile(status)
+
+    index = commands.add_parser("index", help="index a folder of documents")
+    index.add_argument("--docs", required=True, help="folder of .md/.txt/.html/.pdf/.jsonl files")
+    index.add_argument("--out", required=True, help="index folder (updated incrementally)")
+    _add_profile(index)
+
+    search = commands.add_parser("search", help="ranked chunks for one query")
+    search.add_argument("query")
+    search.add_argument("--k", type=int, default=5)
+    search.add_argument("--mode", choices=MODES)
+    search.add_argument("--index", help="index folder (default: artifacts/index)")
+    _add_profile(search)
+
+    retrieve = commands.add_parser("retrieve", help="batch retrieval into a TREC run file")
+    retrieve.add_argument("--index", required=True)
+    retrieve.add_argument("--queries", required=True, help="BEIR queries.jsonl")
+    retrieve.add_argument("--k", type=int, default=100)
+    retrieve.add_argument("--out", required=True)
+    retrieve.add_argument("--mode", choices=MODES)
+    _add_profile(retrieve)
     return parser
 
 
@@ -39,11 +64,17 @@ def main(argv: list[str] | None = None) -> int:
                         datefmt="%H:%M:%S")
     args = build_parser().parse_args(argv)
     try:
+        cfg = load_config(args.profile, args.overrides)
         if args.command == "run":
-            cfg = load_config(args.profile, args.overrides)
             run_pipeline(cfg, only=args.only, start=args.start, force=args.force)
         elif args.command == "status":
-            print(status_table(load_config(args.profile, args.overrides)))
+            print(status_table(cfg))
+        elif args.command == "index":
+            retrieval_commands.index_folder(cfg, args.docs, args.out)
+        elif args.command == "search":
+            retrieval_commands.search(cfg, args.query, args.k, args.mode, args.index)
+        elif args.command == "retrieve":
+            retrieval_commands.retrieve(cfg, args.index, args.queries, args.k, args.out, args.mode)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

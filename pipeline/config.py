@@ -13,6 +13,7 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.retrieval.settings import RetrievalSettings
 from pipeline.stages import REGISTRY
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -45,7 +46,8 @@ def _stage_fields():
 PipelineConfig = dataclasses.make_dataclass(
     "PipelineConfig",
     [("profile", str, field(default="quick")), ("seed", int, field(default=0)),
-     ("paths", Paths, field(default_factory=Paths))] + _stage_fields(),
+     ("paths", Paths, field(default_factory=Paths)),
+     ("retrieval", RetrievalSettings, field(default_factory=RetrievalSettings))] + _stage_fields(),
 )
 PipelineConfig.__doc__ = "Every setting of the pipeline: one section per stage."
 

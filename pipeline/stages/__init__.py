@@ -1,6 +1,7 @@
 """The pipeline's stages, in the order they run. One stage, one module."""
-from pipeline.stages import base
+from pipeline.stages import base, index
 
 REGISTRY = {
     "base": base,
+    "index": index,
 }

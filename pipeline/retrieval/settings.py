@@ -1,0 +1,29 @@
+"""Settings for building an index and for querying it (two config sections)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class IndexSettings:
+    embedder: str = "embedded"  # "embedded" = packaged all-MiniLM-L6-v2; or a hub id / path
+    chunk_tokens: int = 160  # chunk size, in tokens of the embedder's tokenizer
+    chunk_overlap: int = 24  # tokens shared by neighbouring chunks
+    batch_size: int = 64  # chunks per embedding batch
+    ann_threshold: int = 50_000  # above this many chunks, use an approximate index
+    ann_kind: str = "hnsw"  # approximate index: "hnsw" or "ivf"
+    hnsw_m: int = 32  # HNSW graph degree: higher, better recall, more memory
+    ivf_lists: int = 0  # IVF cells; 0 = 4 * sqrt(chunks)
+
+
+@dataclass
+class RetrievalSettings:
+    top_k: int = 4  # passages put in the prompt (dataset, eval and the service all use it)
+    mode: str = "hybrid"  # "dense", "bm25" or "hybrid"
+    rrf_k: int = 60  # reciprocal-rank-fusion constant (Cormack et al. 2009 use 60)
+    dense_weight: float = 1.0  # weight of the dense ranking in the fusion
+    bm25_weight: float = 1.0  # weight of the BM25 ranking in the fusion
+    candidates: int = 50  # hits taken from each retriever before fusion
+    mmr_lambda: float = 0.0  # 0 = off; else relevance/diversity trade-off of MMR (0..1)
+    nprobe: int = 16  # IVF cells visited per query
+    ef_search: int = 64  # HNSW candidate list size per query
