@@ -15,10 +15,12 @@ from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
+from pipeline.errors import UserError
+
 TRACKED_LIBRARIES = ("torch", "transformers", "peft", "trl", "faiss-cpu", "sentence-transformers")
 
 
-class MissingArtifact(RuntimeError):
+class MissingArtifact(UserError):
     """A stage needs a parent that has not been built."""
 
 

@@ -5,16 +5,13 @@ import argparse
 import logging
 import sys
 
-from pipeline.artifacts import MissingArtifact
-from pipeline.config import ConfigError, load_config
+from pipeline.config import load_config
+from pipeline.errors import UserError
 from pipeline.retrieval import commands as retrieval_commands
-from pipeline.retrieval.ingest import EmptyCorpus
 from pipeline.retrieval.retriever import MODES
-from pipeline.retrieval.store import IndexCorrupt
-from pipeline.runner import UnknownStage, run_pipeline, status_table
+from pipeline.runner import run_pipeline, status_table
 
-USER_ERRORS = (ConfigError, MissingArtifact, UnknownStage, FileNotFoundError, EmptyCorpus,
-               IndexCorrupt, ValueError)
+USER_ERRORS = (UserError, FileNotFoundError)
 
 
 def _add_profile(parser: argparse.ArgumentParser) -> None:
@@ -62,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    for noisy in ("faiss", "bm25s", "httpx", "sentence_transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
     try:
         cfg = load_config(args.profile, args.overrides)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.errors import UserError
+
 from pipeline.retrieval.settings import RetrievalSettings
 from pipeline.stages import REGISTRY
 
@@ -20,7 +22,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A profile or override that cannot be applied; the message names the key."""
 
 

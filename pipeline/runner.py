@@ -14,13 +14,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.errors import UserError
 from pipeline.artifacts import Artifacts, MissingArtifact, fingerprint, inputs_digest
 from pipeline.stages import REGISTRY
 
 log = logging.getLogger("pipeline")
 
 
-class UnknownStage(ValueError):
+class UnknownStage(UserError):
     pass
 
 

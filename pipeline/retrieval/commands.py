@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 from pipeline.artifacts import Artifacts
+from pipeline.errors import UserError
 from pipeline.retrieval.retriever import Retriever
 
 
@@ -44,7 +45,7 @@ def read_queries(path: Path) -> list[tuple[str, str]]:
             record = json.loads(line)
             queries.append((str(record["_id"]), str(record["text"])))
         except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise ValueError(f"{path}:{number}: not a BEIR query {{\"_id\", \"text\"}} ({err})") from None
+            raise UserError(f"{path}:{number}: not a BEIR query {{\"_id\", \"text\"}} ({err})") from None
     return queries
 
 

@@ -12,12 +12,14 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.errors import UserError
+
 log = logging.getLogger("pipeline.ingest")
 
 SUPPORTED = {".md", ".markdown", ".txt", ".html", ".htm", ".pdf", ".jsonl"}
 
 
-class EmptyCorpus(ValueError):
+class EmptyCorpus(UserError):
     """A folder with no readable document in it."""
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.errors import UserError
 from pipeline.retrieval.settings import RetrievalSettings
 from pipeline.retrieval.store import bm25_tokenize, load_parts
 
@@ -93,7 +94,7 @@ class Retriever:
         k = k or settings.top_k
         mode = mode or settings.mode
         if mode not in MODES:
-            raise ValueError(f"retrieval mode must be one of {MODES}, not '{mode}'")
+            raise UserError(f"retrieval mode must be one of {MODES}, not '{mode}'")
         if not query.strip():
             return []
         n = max(settings.candidates, k)

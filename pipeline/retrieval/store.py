@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.errors import UserError
+
 from pipeline.retrieval.chunking import Chunk, chunk_documents, make_splitter
 from pipeline.retrieval.ingest import load_documents
 from pipeline.retrieval.settings import IndexSettings
@@ -26,7 +28,7 @@ log = logging.getLogger("pipeline.index")
 FILES = ("manifest.json", "chunks.jsonl", "embeddings.npy", "dense.faiss", "bm25")
 
 
-class IndexCorrupt(RuntimeError):
+class IndexCorrupt(UserError):
     """An index folder whose parts are missing, unreadable or do not match each other."""
 
 
@@ -54,7 +56,7 @@ def build_faiss(vectors: np.ndarray, settings: IndexSettings):
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, lists, faiss.METRIC_INNER_PRODUCT)
         index.train(vectors)
     else:
-        raise ValueError(f"index.ann_kind must be 'hnsw' or 'ivf', not '{settings.ann_kind}'")
+        raise UserError(f"index.ann_kind must be 'hnsw' or 'ivf', not '{settings.ann_kind}'")
     index.add(vectors)
     return index
 

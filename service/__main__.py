@@ -1,0 +1,85 @@
+"""``python -m service``: serve the chat UI and the OpenAI-compatible API.
+
+    python -m service [--host H] [--port P] [--variant NAME] [--index DIR | --docs DIR]
+                      [--no-build] [--profile quick]
+
+Without ``--no-build``, the stages the chat needs (base, index) are built first on the
+chosen profile when they are missing; the aligned variants appear once `make pipeline`
+has built them.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import sys
+from pathlib import Path
+
+from pipeline.artifacts import Artifacts, inputs_digest
+from pipeline.config import REPO_ROOT, load_config
+from pipeline.errors import UserError
+
+NEEDED = ("base", "index")
+
+
+def docs_cache(cfg, docs: Path) -> Path:
+    """Index a folder on the fly, into a cache folder keyed by its content."""
+    from pipeline.retrieval.commands import index_folder
+
+    digest = hashlib.sha256(repr(sorted(inputs_digest([docs]).items())).encode()).hexdigest()[:12]
+    folder = REPO_ROOT / "cache" / "indexes" / digest
+    if not (folder / "manifest.json").exists():
+        index_folder(cfg, str(docs), str(folder))
+    return folder
+
+
+def ensure_built(cfg, no_build: bool, need_index: bool) -> None:
+    from pipeline.runner import run_pipeline
+
+    artifacts = Artifacts(cfg.paths.resolve("artifacts"))
+    missing = [s for s in NEEDED if artifacts.meta(s) is None and (s != "index" or need_index)]
+    if missing and no_build:
+        raise UserError(f"missing artifacts: {', '.join(missing)} (--no-build was given); "
+                        f"build them with: python -m pipeline run --profile {cfg.profile} --only {missing[0]}")
+    for stage in missing:
+        logging.getLogger("service").info("building missing stage '%s' (profile %s)", stage, cfg.profile)
+        run_pipeline(cfg, only=stage)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m service", description=__doc__.split("\n")[0])
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--variant", default="base", help="base, sft, ppo or dpo")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--index", help="serve an index built by `python -m pipeline index`")
+    source.add_argument("--docs", help="index this folder on the fly (cached by content)")
+    parser.add_argument("--no-build", action="store_true", help="never train; fail if artifacts are missing")
+    parser.add_argument("--profile", default="quick")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("faiss", "bm25s", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        import uvicorn
+
+        from service.app import build_app
+        from service.engine import Engine
+
+        cfg = load_config(args.profile, args.overrides)
+        ensure_built(cfg, args.no_build, need_index=not (args.index or args.docs))
+        index_dir = Path(args.index) if args.index else docs_cache(cfg, Path(args.docs)) if args.docs else None
+        engine = Engine(cfg.paths.resolve("artifacts"), index_dir, cfg.retrieval)
+        engine.retriever  # load now, so a corrupt index fails before the server starts
+        app = build_app(engine, args.variant)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"alignrag chat on http://{args.host}:{args.port}  (OpenAI API at /v1)", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

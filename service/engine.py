@@ -1,0 +1,177 @@
+"""The chat engine: load a variant and the index, retrieve, and stream a cited answer.
+
+Imports nothing from Gradio; the UI (service/app.py) and the OpenAI-compatible routes
+(service/openai_api.py) both call ``Engine.stream``.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from pipeline.artifacts import Artifacts
+from pipeline.errors import UserError
+from pipeline.prompt import build_messages, fit_history, retrieval_query
+from pipeline.retrieval.settings import RetrievalSettings
+
+log = logging.getLogger("service.engine")
+VARIANTS = ("base", "sft", "ppo", "dpo")
+MAX_MESSAGE_CHARS = 4000
+EMPTY_MESSAGE_REPLY = "Please type a question, for example: What does the KL penalty in RLHF do?"
+
+
+class MessageTooLong(UserError):
+    pass
+
+
+@dataclass
+class GenerationSettings:
+    temperature: float = 0.0  # 0 = greedy decoding (reproducible); raise for variety
+    top_p: float = 0.9  # nucleus sampling mass, used when temperature > 0
+    max_new_tokens: int = 160  # answer length cap, in tokens
+    repetition_penalty: float = 1.1  # >1 discourages repeating tokens
+
+
+@dataclass
+class Reply:
+    text: str
+    passages: list = field(default_factory=list)
+    variant: str = "base"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+def adapter_chain(artifacts: Artifacts, variant: str) -> list[Path]:
+    """Adapter folders to merge onto the base weights, in order (e.g. sft, then dpo)."""
+    meta = artifacts.meta(variant)
+    if meta is None:
+        raise UserError(f"variant '{variant}' is not built; run: python -m pipeline run --only {variant}")
+    return [artifacts.dir(stage) / "adapter" for stage in meta["metrics"].get("adapter_chain", [])]
+
+
+def load_variant(artifacts: Artifacts, variant: str):
+    """(model, tokenizer) with every LoRA adapter of the variant merged in, for fast decoding."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base_dir = artifacts.require("base")
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    if variant != "base":
+        from peft import PeftModel
+
+        for adapter in adapter_chain(artifacts, variant):
+            model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    return model.eval(), tokenizer
+
+
+class Engine:
+    def __init__(self, artifacts_dir: Path, index_dir: Path | None = None,
+                 retrieval: RetrievalSettings | None = None, max_concurrent: int = 1):
+        self.artifacts = Artifacts(artifacts_dir)
+        self.retrieval = retrieval or RetrievalSettings()
+        self.index_dir = Path(index_dir) if index_dir else None
+        self._retriever = None
+        self._models: dict[str, tuple] = {}
+        self._load_lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(max_concurrent)
+
+    # -- resources -------------------------------------------------------------------
+    def variants(self) -> list[str]:
+        return [v for v in VARIANTS if self.artifacts.meta(v) is not None]
+
+    def model(self, variant: str):
+        if variant not in VARIANTS:
+            raise UserError(f"unknown variant '{variant}'; choose from {', '.join(VARIANTS)}")
+        with self._load_lock:
+            if variant not in self._models:
+                if len(self._models) >= 2:  # keep memory bounded: two variants at most
+                    self._models.pop(next(iter(self._models)))
+                log.info("loading variant %s", variant)
+                self._models[variant] = load_variant(self.artifacts, variant)
+            return self._models[variant]
+
+    @property
+    def retriever(self):
+        if self._retriever is None:
+            from pipeline.retrieval.retriever import Retriever
+
+            folder = self.index_dir or self.artifacts.require("index")
+            self._retriever = Retriever(folder, self.retrieval)
+        return self._retriever
+
+    def set_index(self, folder: Path) -> None:
+        self.index_dir, self._retriever = Path(folder), None
+
+    # -- answering -------------------------------------------------------------------
+    def prepare(self, question: str, history: Sequence[tuple[str, str]], variant: str,
+                use_retrieval: bool):
+        """(messages, passages, tokenizer, model) for one turn; checks the message first."""
+        if len(question) > MAX_MESSAGE_CHARS:
+            raise MessageTooLong(f"the message has {len(question)} characters; the limit is "
+                                 f"{MAX_MESSAGE_CHARS}. Shorten it or split it into questions.")
+        model, tokenizer = self.model(variant)
+        passages = self.retriever.search(retrieval_query(question, history)) if use_retrieval else []
+        window = int(getattr(model.config, "max_position_embeddings", 2048))
+        budget = min(window, 4096) // 2  # half the window for history, the rest for passages
+
+        def count(text: str) -> int:
+            return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+        history = fit_history(history, count, budget)
+        return build_messages(question, passages, history), passages, tokenizer, model
+
+    def stream(self, question: str, history: Sequence[tuple[str, str]] = (), variant: str = "base",
+               use_retrieval: bool = True, settings: GenerationSettings | None = None
+               ) -> Iterator[Reply]:
+        """Yield the growing reply; the last one holds the full answer and token counts."""
+        if not question.strip():
+            yield Reply(EMPTY_MESSAGE_REPLY, [], variant)
+            return
+        settings = settings or GenerationSettings()
+        messages, passages, tokenizer, model = self.prepare(question, history, variant, use_retrieval)
+        with self._slots:
+            yield from self._generate(messages, passages, tokenizer, model, variant, settings)
+
+    def _generate(self, messages, passages, tokenizer, model, variant, settings):
+        import torch
+        from transformers import TextIteratorStreamer
+
+        batch = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                              return_tensors="pt", return_dict=True)
+        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        sampling = settings.temperature > 0
+        kwargs = dict(**batch, streamer=streamer, max_new_tokens=settings.max_new_tokens,
+                      do_sample=sampling, repetition_penalty=settings.repetition_penalty,
+                      pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+        if sampling:
+            kwargs.update(temperature=settings.temperature, top_p=settings.top_p)
+        failure: list[BaseException] = []
+
+        def work():
+            try:
+                with torch.inference_mode():
+                    model.generate(**kwargs)
+            except BaseException as err:  # surfaced to the caller below
+                failure.append(err)
+                streamer.end()
+
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        text = ""
+        for piece in streamer:
+            text += piece
+            yield Reply(text, passages, variant)
+        thread.join()
+        if failure:
+            raise RuntimeError(f"generation failed: {failure[0]}") from failure[0]
+        completion = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        yield Reply(text, passages, variant, int(batch["input_ids"].shape[1]), completion)
+
+    def answer(self, question: str, **kwargs) -> Reply:
+        reply = Reply("")
+        for reply in self.stream(question, **kwargs):
+            pass
+        return reply
