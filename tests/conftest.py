@@ -78,3 +78,47 @@ def tiny_config(tmp_path, tiny_model_dir):
 
 def read_meta(folder: Path) -> dict:
     return json.loads((folder / "meta.json").read_text())
+
+
+SMALL_DOCS = {
+    "adam.md": "# Adam\n\n## Defaults\n\nAdam uses beta1 = 0.9 and beta2 = 0.999.\n\n"
+               "## Authors\n\nAdam was proposed by Diederik Kingma and Jimmy Ba in 2014.\n",
+    "dropout.md": "# Dropout\n\nDropout zeroes each unit with probability p; the paper used p = 0.5.\n",
+}
+
+
+def write_lora_variant(artifacts: Path, name: str, chain: list[str], seed: int = 1) -> None:
+    """A hand-made LoRA 'variant' artifact on the tiny base, with non-zero adapter weights."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.artifacts import Artifacts
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(artifacts / "base")
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                 init_lora_weights=False))
+    folder = artifacts / name
+    peft_model.save_pretrained(folder / "adapter")
+    Artifacts.write_meta(folder, {"stage": name, "fingerprint": f"hand-{name}",
+                                  "metrics": {"adapter_chain": chain}})
+
+
+@pytest.fixture(scope="session")
+def served_artifacts(tmp_path_factory, tiny_model_dir) -> Path:
+    """artifacts/ with a tiny base, an index of two small docs and an 'sft' LoRA variant."""
+    from pipeline.config import load_config
+    from pipeline.runner import run_pipeline
+
+    root = tmp_path_factory.mktemp("served")
+    docs = root / "docs"
+    docs.mkdir()
+    for name, text in SMALL_DOCS.items():
+        (docs / name).write_text(text)
+    cfg = load_config("tiny", [f"paths.artifacts={root / 'artifacts'}", f"paths.reports={root / 'reports'}",
+                               f"paths.docs={docs}", f"base.model={tiny_model_dir}"])
+    run_pipeline(cfg, only="base")
+    run_pipeline(cfg, only="index")
+    write_lora_variant(root / "artifacts", "sft", ["sft"])
+    return root / "artifacts"

@@ -1,0 +1,72 @@
+"""The chat engine on a tiny hand-built model: streaming, sources, variants, history, limits."""
+from __future__ import annotations
+
+import pytest
+
+from pipeline.errors import UserError
+from service.engine import EMPTY_MESSAGE_REPLY, MAX_MESSAGE_CHARS, Engine, GenerationSettings, MessageTooLong
+
+SHORT = GenerationSettings(max_new_tokens=12)
+
+
+@pytest.fixture(scope="module")
+def engine(served_artifacts):
+    return Engine(served_artifacts)
+
+
+def test_stream_grows_and_ends_with_sources(engine):
+    replies = list(engine.stream("Who proposed Adam?", settings=SHORT))
+    assert len(replies) >= 3
+    texts = [r.text for r in replies]
+    assert all(later.startswith(earlier) for earlier, later in zip(texts, texts[1:]))
+    final = replies[-1]
+    assert final.completion_tokens > 0 and final.prompt_tokens > 20
+    assert final.passages and final.passages[0].doc_id == "adam.md"
+
+
+def test_retrieval_toggle(engine):
+    assert engine.answer("Who proposed Adam?", use_retrieval=False, settings=SHORT).passages == []
+    with_passages = engine.answer("Who proposed Adam?", settings=SHORT)
+    without = engine.answer("Who proposed Adam?", use_retrieval=False, settings=SHORT)
+    assert with_passages.prompt_tokens > without.prompt_tokens + 20
+
+
+def test_variants_are_listed_and_differ(engine):
+    assert engine.variants() == ["base", "sft"]
+    base, _ = engine.model("base")
+    sft, _ = engine.model("sft")
+    weight = "model.layers.0.self_attn.q_proj.weight"
+    assert not base.state_dict()[weight].equal(sft.state_dict()[weight]), "adapter not merged"
+    assert engine.answer("dropout?", variant="sft", settings=SHORT).variant == "sft"
+    with pytest.raises(UserError, match="variant 'dpo' is not built"):
+        engine.answer("x", variant="dpo")
+    with pytest.raises(UserError, match="unknown variant"):
+        engine.answer("x", variant="gpt5")
+
+
+def test_merged_adapter_equals_peft_model(served_artifacts, engine):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    merged, tokenizer = engine.model("sft")
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(served_artifacts / "base"),
+                                          served_artifacts / "sft" / "adapter").eval()
+    ids = tokenizer("hello there", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, reference(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_history_is_truncated_oldest_first(engine, monkeypatch):
+    model, _ = engine.model("base")
+    monkeypatch.setattr(model.config, "max_position_embeddings", 200)  # budget: 100 tokens
+    history = [("first question " * 5, "first answer"), ("second", "answer two")]
+    messages, *_ = engine.prepare("third?", history, "base", use_retrieval=False)
+    contents = [m["content"] for m in messages]
+    assert "second" in contents and not any("first question" in c for c in contents)
+
+
+def test_empty_and_overlong_messages(engine):
+    assert engine.answer("   ").text == EMPTY_MESSAGE_REPLY
+    with pytest.raises(MessageTooLong, match=f"limit is {MAX_MESSAGE_CHARS}"):
+        engine.answer("x" * (MAX_MESSAGE_CHARS + 1))

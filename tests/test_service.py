@@ -1,0 +1,147 @@
+"""The real server: OpenAI-compatible routes over HTTP, the Gradio API through gradio_client,
+and the UI in a real headless Chromium."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from pipeline.config import REPO_ROOT
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(served_artifacts, tmp_path_factory):
+    port = _free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    command = [sys.executable, "-m", "service", "--no-build", "--port", str(port), "--profile", "tiny",
+               f"paths.artifacts={served_artifacts}"]
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                   env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"server exited early:\n{log.read_text()}")
+        try:
+            if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    else:
+        process.kill()
+        pytest.fail(f"server did not start:\n{log.read_text()}")
+    yield url
+    process.terminate()
+    process.wait(timeout=20)
+
+
+def test_no_build_names_what_is_missing(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "service", "--no-build", "--profile", "tiny",
+                             f"paths.artifacts={tmp_path}"], cwd=REPO_ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2
+    assert "missing artifacts: base, index" in result.stderr and "python -m pipeline run" in result.stderr
+
+
+def test_models_route_lists_built_variants(server):
+    body = httpx.get(f"{server}/v1/models").json()
+    assert [m["id"] for m in body["data"]] == ["base", "sft"]
+
+
+def test_chat_completion_with_sources(server):
+    body = httpx.post(f"{server}/v1/chat/completions", timeout=60, json={
+        "model": "sft", "max_tokens": 8,
+        "messages": [{"role": "user", "content": "Who proposed Adam?"}]}).json()
+    assert body["object"] == "chat.completion" and body["model"] == "sft"
+    assert isinstance(body["choices"][0]["message"]["content"], str)
+    assert body["usage"]["completion_tokens"] > 0
+    assert body["sources"][0]["doc_id"] == "adam.md" and body["sources"][0]["number"] == 1
+    off = httpx.post(f"{server}/v1/chat/completions", timeout=60, json={
+        "retrieval": False, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}).json()
+    assert off["sources"] == []
+
+
+def test_chat_completion_streams_server_sent_events(server):
+    events = []
+    with httpx.stream("POST", f"{server}/v1/chat/completions", timeout=60, json={
+            "stream": True, "max_tokens": 10,
+            "messages": [{"role": "user", "content": "Tell me about dropout"}]}) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[6:])
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert chunks[0]["sources"][0]["doc_id"] == "dropout.md"
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    assert len(chunks) >= 4, "tokens must arrive in several chunks"
+
+
+def test_bad_requests_get_clear_errors_and_the_server_survives(server):
+    too_long = httpx.post(f"{server}/v1/chat/completions", timeout=60, json={
+        "messages": [{"role": "user", "content": "x" * 5000}]})
+    assert too_long.status_code == 400 and "limit is 4000" in too_long.json()["error"]["message"]
+    unknown = httpx.post(f"{server}/v1/chat/completions", timeout=60, json={
+        "model": "nope", "messages": [{"role": "user", "content": "hi"}]})
+    assert unknown.status_code == 400 and "unknown variant" in unknown.json()["error"]["message"]
+    assert httpx.post(f"{server}/v1/chat/completions", json={"messages": []}).status_code == 400
+    assert httpx.get(f"{server}/v1/models").status_code == 200
+
+
+def test_gradio_api_through_gradio_client(server):
+    from gradio_client import Client
+
+    client = Client(server + "/", verbose=False)
+    chat, sources, cleared = client.predict(
+        "Who proposed Adam?", [], "base", True, 0.0, 0.9, 16, 1.1, api_name="/chat")
+    question = chat[-2]["content"]
+    question = question if isinstance(question, str) else question[0]["text"]
+    assert question == "Who proposed Adam?" and chat[-1]["role"] == "assistant"
+    assert "[1] Adam" in sources and "adam.md" in sources and cleared == ""
+
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+@pytest.mark.browser
+def test_chat_in_a_real_browser(server, tmp_path):
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("CI"):
+            pytest.fail("chromium is missing in CI; .ci/run installs it with apt-get")
+        pytest.skip("Debian's chromium is not installed (make browser installs it)")
+    from playwright.sync_api import sync_playwright
+
+    screenshots = REPO_ROOT / "test-results"
+    screenshots.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(server + "/", wait_until="networkidle")
+        page.locator("#message textarea").fill("Who proposed Adam?")
+        page.locator("#send").click()
+        page.locator("#chatbot").get_by_text("Who proposed Adam?").wait_for(timeout=60_000)
+        page.locator("#sources").get_by_text("adam.md").first.wait_for(timeout=60_000)
+        page.wait_for_timeout(1500)
+        bubbles = page.locator("#chatbot .message").count()
+        page.screenshot(path=str(screenshots / "chat.png"), full_page=True)
+        browser.close()
+    assert bubbles >= 2, "the question and the streamed answer must both show"
+    assert (screenshots / "chat.png").stat().st_size > 10_000
