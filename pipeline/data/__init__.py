@@ -1,0 +1,1 @@
+"""The project's data: QA records, their schema and checks, feedback export."""
