@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 
@@ -53,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     retrieve.add_argument("--out", required=True)
     retrieve.add_argument("--mode", choices=MODES)
     _add_profile(retrieve)
+
+    data = commands.add_parser("data", help="data tools: check, export-feedback")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    data_check = data_commands.add_parser("check", help="validate data/qa and print the counts")
+    _add_profile(data_check)
     return parser
 
 
@@ -72,6 +78,11 @@ def main(argv: list[str] | None = None) -> int:
             retrieval_commands.index_folder(cfg, args.docs, args.out)
         elif args.command == "search":
             retrieval_commands.search(cfg, args.query, args.k, args.mode, args.index)
+        elif args.command == "data" and args.data_command == "check":
+            from pipeline.data.records import check
+
+            report = check(cfg.paths.resolve("qa"), cfg.paths.resolve("docs"))
+            print(json.dumps(report, indent=2))
         elif args.command == "retrieve":
             retrieval_commands.retrieve(cfg, args.index, args.queries, args.k, args.out, args.mode)
     except USER_ERRORS as err:
