@@ -1,8 +1,11 @@
 """The pipeline's stages, in the order they run. One stage, one module."""
-from pipeline.stages import base, dataset, index
+from pipeline.stages import base, dataset, dpo, index, reward, sft
 
 REGISTRY = {
     "base": base,
     "index": index,
     "dataset": dataset,
+    "sft": sft,
+    "reward": reward,
+    "dpo": dpo,
 }

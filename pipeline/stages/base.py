@@ -11,6 +11,7 @@ built from the same config and that one is saved; later loads take well under a 
 """
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +45,10 @@ def load_source(model: str, dtype: str = "float32"):
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
                                                       dtype=torch_dtype)
-        plain = AutoModelForCausalLM.from_config(loaded.config, dtype=torch_dtype)
+        config = copy.deepcopy(loaded.config)
+        if hasattr(config, "quantization_config"):  # the saved model is plain float weights
+            del config.quantization_config
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
         plain.load_state_dict(loaded.state_dict(), strict=True)
         plain.generation_config = loaded.generation_config
         return plain.eval(), tokenizer
@@ -58,8 +62,11 @@ def run(config: Config, ctx) -> dict:
     model, tokenizer = load_source(config.model, config.dtype)
     if tokenizer.chat_template is None:
         raise ValueError(f"{config.model} has no chat template; pick an instruct/chat model")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.pad_token is None or tokenizer.pad_token == tokenizer.eos_token:
+        # a pad distinct from end-of-turn, so collators never mask the answer's final token
+        spare = "<|endoftext|>" if "<|endoftext|>" in tokenizer.get_vocab() else tokenizer.unk_token
+        tokenizer.pad_token = spare or tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
     load_seconds = time.time() - started
     model.save_pretrained(ctx.out_dir)
     tokenizer.save_pretrained(ctx.out_dir)

@@ -3,7 +3,8 @@
 Reads:  data/qa/train.jsonl (never eval.jsonl, which only the eval stage reads), the
         `index` artifact (the real retriever, with the service's `retrieval` settings) and
         the `base` artifact (for on-policy negatives: the base model's own failing answers).
-Writes: artifacts/dataset/ with sft.jsonl, prefs.jsonl, prompts.jsonl (training) and
+Writes: artifacts/dataset/ with sft.jsonl (conversational prompt/completion, so TRL puts the
+        loss on the answer only), prefs.jsonl (prompt/chosen/rejected), prompts.jsonl, and
         sft_val.jsonl, prefs_val.jsonl (a validation slice of train records that no
         trainer sees, for held-out loss and pairwise accuracy), and meta.json with counts.
 Alone:  python -m pipeline run --only dataset
@@ -133,13 +134,13 @@ def run(config: Config, ctx) -> dict:
         prompt = build_messages(record.question, passages, record.history)
         chosen = _with_citation(record.answer, cited) if record.answerable else REFUSAL
         sets["sft_val" if val else "sft"].append(
-            {"id": record.id, "messages": prompt + [{"role": "assistant", "content": chosen}]})
+            {"id": record.id, "prompt": prompt, "completion": [{"role": "assistant", "content": chosen}]})
         if record.answerable and not val and rng.random() < config.refusal_drills:
             kept = [p for p in passages if p.doc_id != record.doc]
             if kept and not any(_holds_facts(p.text, record.facts) for p in kept):
                 drill = build_messages(record.question, kept, record.history)
-                sets["sft"].append({"id": record.id + "-drill",
-                                    "messages": drill + [{"role": "assistant", "content": REFUSAL}]})
+                sets["sft"].append({"id": record.id + "-drill", "prompt": drill,
+                                    "completion": [{"role": "assistant", "content": REFUSAL}]})
                 stats["refusal_drills"] += 1
         options = _rejections(record, passages, cited, records, rng)
         for kind, rejected in rng.sample(options, min(config.rejected_per_record, len(options))):

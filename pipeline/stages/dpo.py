@@ -1,0 +1,95 @@
+"""Stage `dpo`: direct preference optimisation with TRL's DPOTrainer, from the SFT model.
+
+Reads:  the `sft` artifact (merged into the weights: that model is both the starting point
+        and the reference) and `dataset` (prefs.jsonl to train, prefs_val.jsonl held out).
+Writes: artifacts/dpo/adapter/ (a new LoRA on top of SFT), history.jsonl, curves.png (also
+        in reports/), meta.json with held-out preference accuracy and reward margins.
+Alone:  python -m pipeline run --only dpo [dpo.beta=0.1 dpo.loss_type=ipo]
+
+No second copy of the weights: the reference is the same model with the LoRA adapter
+disabled. Loss (Rafailov et al. 2023): -log sigmoid(beta * (log-ratio chosen - log-ratio rejected)).
+"""
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.training import LoraSettings
+
+PARENTS = ("sft", "dataset")
+
+
+@dataclass
+class Config:
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    beta: float = 0.1  # strength of the pull towards the reference (the DPO paper's default)
+    loss_type: str = "sigmoid"  # sigmoid = DPO; ipo, hinge, robust... as TRL names them
+    learning_rate: float = 5e-5
+    epochs: float = 1.0
+    max_steps: int = 0  # stop after this many optimiser steps (0 = use epochs)
+    batch_size: int = 2  # pairs per device per step
+    grad_accum: int = 4
+    max_length: int = 768
+    bf16: bool | str = "auto"  # bf16 autocast: auto (if the CPU/GPU has it), true, false
+    activation_checkpointing: bool = False  # recompute activations: less memory, ~30% slower
+    eval_rows: int = 0  # cap on held-out pairs evaluated (0 = all)
+    logging_steps: int = 5
+
+
+def inputs(cfg) -> list[Path]:
+    return []
+
+
+def run(config: Config, ctx) -> dict:
+    import torch
+    from datasets import load_dataset
+    from trl import DPOConfig, DPOTrainer
+
+    from pipeline.training import chain_of, load_causal_lm, peft_config, save_curves, use_bf16, write_history
+
+    data = ctx.parent("dataset")
+    chain = chain_of(ctx.artifacts, "sft")
+    model, tokenizer = load_causal_lm(ctx.artifacts, chain)
+
+    def pairs(name: str):
+        rows = load_dataset("json", data_files=str(data / name), split="train")
+        return rows.remove_columns([c for c in ("id", "kind") if c in rows.column_names])
+
+    train, held_out = pairs("prefs.jsonl"), pairs("prefs_val.jsonl")
+    if config.eval_rows:
+        held_out = held_out.select(range(min(config.eval_rows, len(held_out))))
+    args = DPOConfig(
+        output_dir=str(ctx.out_dir / "checkpoints"), beta=config.beta, loss_type=[config.loss_type],
+        learning_rate=config.learning_rate, num_train_epochs=config.epochs,
+        max_steps=config.max_steps or -1, per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size, gradient_accumulation_steps=config.grad_accum,
+        max_length=config.max_length, bf16=use_bf16(config.bf16), logging_steps=config.logging_steps,
+        eval_strategy="no", save_strategy="no", report_to=[], seed=ctx.config.seed,
+        warmup_steps=0.05, lr_scheduler_type="cosine", use_cpu=not torch.cuda.is_available(),
+        gradient_checkpointing=config.activation_checkpointing,
+    )
+    trainer = DPOTrainer(model=model, args=args, train_dataset=train, eval_dataset=held_out,
+                         processing_class=tokenizer, peft_config=peft_config(config.lora))
+    result = trainer.train()
+    scores = trainer.evaluate()
+    trainer.model.save_pretrained(ctx.out_dir / "adapter")
+    shutil.rmtree(ctx.out_dir / "checkpoints", ignore_errors=True)
+    history = trainer.state.log_history
+    write_history(history, ctx.out_dir / "history.jsonl")
+    save_curves(history, {"loss": "train loss", "rewards/accuracies": "preference accuracy",
+                          "rewards/margins": "reward margin"}, ctx.out_dir / "curves.png", "DPO: training")
+    shutil.copy(ctx.out_dir / "curves.png", ctx.reports_dir / "dpo_curves.png")
+
+    def metric(name):
+        value = scores.get(f"eval_{name}")
+        return round(float(value), 4) if value is not None else None
+
+    return {
+        "adapter_chain": chain + ["dpo"], "train_pairs": len(train), "held_out_pairs": len(held_out),
+        "steps": result.global_step, "train_loss": round(result.training_loss, 4),
+        "held_out_loss": metric("loss"), "held_out_accuracy": metric("rewards/accuracies"),
+        "held_out_margin": metric("rewards/margins"), "held_out_reward_chosen": metric("rewards/chosen"),
+        "held_out_reward_rejected": metric("rewards/rejected"), "beta": config.beta,
+        "loss_type": config.loss_type, "train_seconds": round(result.metrics.get("train_runtime", 0.0), 1),
+    }

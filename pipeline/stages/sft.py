@@ -1,0 +1,91 @@
+"""Stage `sft`: LoRA supervised fine-tuning with TRL's SFTTrainer.
+
+Reads:  the `base` artifact and `dataset` (sft.jsonl for training, sft_val.jsonl held out).
+Writes: artifacts/sft/adapter/ (PEFT LoRA adapter), history.jsonl, loss.png (also copied
+        to reports/sft_loss.png), meta.json with train loss, held-out loss and perplexity
+        before and after (the adapter starts at zero, so "before" is the base model).
+Alone:  python -m pipeline run --only sft [sft.lora.r=8 sft.max_steps=100]
+
+Loss is on the answer only: the data is conversational prompt/completion, rendered with the
+model's own chat template. Runs unchanged under `accelerate launch` (see docs/scaling.md).
+"""
+from __future__ import annotations
+
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.training import LoraSettings
+
+PARENTS = ("base", "dataset")
+
+
+@dataclass
+class Config:
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    learning_rate: float = 2e-4  # LoRA tolerates a higher rate than full fine-tuning
+    epochs: float = 1.0  # passes over sft.jsonl (ignored when max_steps > 0)
+    max_steps: int = 0  # stop after this many optimiser steps (0 = use epochs)
+    batch_size: int = 4  # sequences per device per step
+    grad_accum: int = 2  # micro-batches summed per optimiser step
+    max_length: int = 768  # tokens; longer conversations are truncated from the left
+    warmup_ratio: float = 0.05  # share of steps with a linearly rising learning rate
+    bf16: bool | str = "auto"  # bf16 autocast: auto (if the CPU/GPU has it), true, false
+    activation_checkpointing: bool = False  # recompute activations: less memory, ~30% slower
+    group_by_length: bool = True  # batch similar lengths together: less padding on CPU
+    eval_rows: int = 0  # cap on held-out rows evaluated (0 = all of sft_val.jsonl)
+    logging_steps: int = 5
+
+
+def inputs(cfg) -> list[Path]:
+    return []
+
+
+def run(config: Config, ctx) -> dict:
+    import torch
+    from datasets import load_dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from pipeline.training import load_causal_lm, peft_config, save_curves, use_bf16, write_history
+
+    data = ctx.parent("dataset")
+    model, tokenizer = load_causal_lm(ctx.artifacts, [])
+    train = load_dataset("json", data_files=str(data / "sft.jsonl"), split="train")
+    held_out = load_dataset("json", data_files=str(data / "sft_val.jsonl"), split="train")
+    if config.eval_rows:
+        held_out = held_out.select(range(min(config.eval_rows, len(held_out))))
+    args = SFTConfig(
+        output_dir=str(ctx.out_dir / "checkpoints"), learning_rate=config.learning_rate,
+        num_train_epochs=config.epochs, max_steps=config.max_steps or -1,
+        per_device_train_batch_size=config.batch_size, per_device_eval_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum, max_length=config.max_length,
+        truncation_mode="keep_end", warmup_steps=config.warmup_ratio, lr_scheduler_type="cosine",
+        bf16=use_bf16(config.bf16),
+        train_sampling_strategy="group_by_length" if config.group_by_length else "random",
+        logging_steps=config.logging_steps, eval_strategy="no", save_strategy="no",
+        report_to=[], seed=ctx.config.seed, completion_only_loss=True, use_cpu=not torch.cuda.is_available(),
+        gradient_checkpointing=config.activation_checkpointing,
+    )
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=held_out,
+                         processing_class=tokenizer, peft_config=peft_config(config.lora))
+    before = trainer.evaluate()["eval_loss"]  # LoRA's B starts at zero: this is the base model
+    result = trainer.train()
+    after = trainer.evaluate()["eval_loss"]
+    trainer.model.save_pretrained(ctx.out_dir / "adapter")
+    tokenizer.save_pretrained(ctx.out_dir / "adapter")
+    shutil.rmtree(ctx.out_dir / "checkpoints", ignore_errors=True)
+    history = trainer.state.log_history
+    write_history(history, ctx.out_dir / "history.jsonl")
+    save_curves(history, {"loss": "train loss"}, ctx.out_dir / "loss.png", "SFT: training loss")
+    shutil.copy(ctx.out_dir / "loss.png", ctx.reports_dir / "sft_loss.png")
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    return {
+        "adapter_chain": ["sft"], "train_rows": len(train), "held_out_rows": len(held_out),
+        "steps": result.global_step, "train_loss": round(result.training_loss, 4),
+        "held_out_loss_base": round(before, 4), "held_out_loss": round(after, 4),
+        "held_out_perplexity_base": round(math.exp(before), 3),
+        "held_out_perplexity": round(math.exp(after), 3),
+        "trainable_parameters": trainable, "bf16": args.bf16,
+        "train_seconds": round(result.metrics.get("train_runtime", 0.0), 1),
+    }

@@ -1,0 +1,111 @@
+"""Helpers the training stages share: LoRA settings, loading a variant, precision, curves."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class LoraSettings:
+    r: int = 16  # adapter rank: higher, more capacity and memory
+    alpha: int = 32  # scaling numerator; the update is scaled by alpha / r
+    dropout: float = 0.05  # dropout on the adapter input
+    target_modules: list[str] = field(default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+
+def peft_config(settings: LoraSettings, task_type: str = "CAUSAL_LM", modules_to_save=None):
+    from peft import LoraConfig
+
+    return LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                      target_modules=list(settings.target_modules), task_type=task_type,
+                      modules_to_save=modules_to_save)
+
+
+def bf16_available() -> bool:
+    """bf16 autocast pays off on GPUs that support it and CPUs with native bf16 instructions."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def use_bf16(setting: bool | str) -> bool:
+    """``true``/``false`` force it; ``auto`` uses bf16 where the hardware has it."""
+    if isinstance(setting, bool):
+        return setting
+    if setting != "auto":
+        raise ValueError(f"bf16 must be auto, true or false, not '{setting}'")
+    return bf16_available()
+
+
+def load_causal_lm(artifacts, chain: list[str]):
+    """(model, tokenizer): the base weights with each stage's LoRA adapter in ``chain`` merged."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = artifacts.require("base")
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    if chain:
+        from peft import PeftModel
+
+        for stage in chain:
+            model = PeftModel.from_pretrained(model, artifacts.require(stage) / "adapter").merge_and_unload()
+    return model, tokenizer
+
+
+def chain_of(artifacts, stage: str) -> list[str]:
+    """The adapter chain a built stage recorded (e.g. ["sft", "dpo"])."""
+    meta = artifacts.meta(stage) or {}
+    return list(meta.get("metrics", {}).get("adapter_chain", []))
+
+
+def reward_model_from(causal_lm, num_labels: int = 1):
+    """A sequence-classification model whose body is ``causal_lm``'s (score head fresh)."""
+    from transformers import AutoModelForSequenceClassification
+
+    config = causal_lm.config
+    config.num_labels = num_labels
+    config.pad_token_id = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
+    scorer = AutoModelForSequenceClassification.from_config(config)
+    scorer.model.load_state_dict(causal_lm.model.state_dict())
+    return scorer
+
+
+def save_curves(log_history: list[dict], series: dict[str, str], path: Path, title: str) -> None:
+    """Plot each logged key of ``series`` ({key: label}) against the step, one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for key, label in series.items():
+        points = [(row["step"], row[key]) for row in log_history if key in row and "step" in row]
+        if points:
+            ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, label=label)
+    ax.set_xlabel("step")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def finite(value) -> float | None:
+    return round(float(value), 5) if value is not None and math.isfinite(float(value)) else None
+
+
+def write_history(log_history: list[dict], path: Path) -> None:
+    path.write_text("\n".join(json.dumps(row) for row in log_history) + "\n")
