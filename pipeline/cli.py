@@ -55,6 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
     retrieve.add_argument("--mode", choices=MODES)
     _add_profile(retrieve)
 
+    evaluate = commands.add_parser("eval", help="score the built variants (default: the eval stage)")
+    evaluate.add_argument("--docs", help="your own documents (indexed on the fly in a temp folder)")
+    evaluate.add_argument("--qa", help="your own questions, in the data/qa record format")
+    evaluate.add_argument("--out", default="reports/custom", help="where --docs/--qa reports go")
+    _add_profile(evaluate)
+
+    retrieval_eval = commands.add_parser("retrieval-eval", help="recall/MRR/nDCG on data/qa/eval.jsonl")
+    _add_profile(retrieval_eval)
+
     data = commands.add_parser("data", help="data tools: check, export-feedback")
     data_commands = data.add_subparsers(dest="data_command", required=True)
     data_check = data_commands.add_parser("check", help="validate data/qa and print the counts")
@@ -78,6 +87,14 @@ def main(argv: list[str] | None = None) -> int:
             retrieval_commands.index_folder(cfg, args.docs, args.out)
         elif args.command == "search":
             retrieval_commands.search(cfg, args.query, args.k, args.mode, args.index)
+        elif args.command == "eval":
+            from pipeline.evaluation.custom import run_eval_command
+
+            run_eval_command(cfg, args.docs, args.qa, args.out)
+        elif args.command == "retrieval-eval":
+            from pipeline.evaluation.custom import run_retrieval_eval
+
+            run_retrieval_eval(cfg)
         elif args.command == "data" and args.data_command == "check":
             from pipeline.data.records import check
 

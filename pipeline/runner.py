@@ -66,6 +66,9 @@ def current_fingerprint(cfg, name: str, artifacts: Artifacts) -> str | None:
         if meta is None:
             return None
         parents[parent] = meta["fingerprint"]
+    for parent in getattr(module, "OPTIONAL_PARENTS", ()):  # used when built (eval's variants)
+        meta = artifacts.meta(parent)
+        parents[parent] = meta["fingerprint"] if meta else "not built"
     return fingerprint(name, _config_for(cfg, name), inputs_digest(module.inputs(cfg)),
                        parents, _code_digest(module))
 
@@ -87,6 +90,13 @@ def plan(only: str | None = None, start: str | None = None) -> list[str]:
         check_stage(start)
         return names[names.index(start):]
     return names
+
+
+def process_rank() -> int:
+    """This process's rank under `accelerate launch` / torchrun (0 when run plainly)."""
+    import os
+
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
 
 
 def _seed_everything(seed: int) -> None:
@@ -116,6 +126,13 @@ def run_stage(cfg, name: str, artifacts: Artifacts, force: bool = False) -> dict
         log.info("%-8s up to date (%s)", name, fp)
         return None
     log.info("%-8s building ...", name)
+    if process_rank() != 0:  # under `accelerate launch`, only rank 0 publishes the artifact
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix=f"{name}-rank{process_rank()}-") as scratch:
+            ctx = StageContext(name, Path(scratch), artifacts, cfg, Path(scratch), log.getChild(name))
+            _seed_everything(cfg.seed)
+            return module.run(getattr(cfg, name), ctx) or {}
     reports_dir = cfg.paths.resolve("reports")
     reports_dir.mkdir(parents=True, exist_ok=True)
     with artifacts.publish(name) as out_dir:

@@ -14,3 +14,51 @@ def reward_scores(model, tokenizer, conversations: list[list[dict]], batch_size:
         with torch.inference_mode():
             scores += model(**batch).logits[:, 0].float().tolist()
     return scores
+
+
+def answer_logprobs(model, tokenizer, prompts: list[list[dict]], answers: list[str],
+                    batch_size: int = 8) -> list[float]:
+    """Sum of log p(answer tokens | prompt) under ``model``, teacher-forced; one per answer."""
+    import torch
+
+    totals: list[float] = []
+    for start in range(0, len(prompts), batch_size):
+        rows = []
+        for prompt, answer in zip(prompts[start:start + batch_size], answers[start:start + batch_size]):
+            head = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+            head_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
+            answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+            rows.append((head_ids, answer_ids))
+        width = max(len(h) + len(a) for h, a in rows)
+        pad = tokenizer.pad_token_id
+        ids = torch.full((len(rows), width), pad)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        answer_mask = torch.zeros((len(rows), width))
+        for i, (head_ids, answer_ids) in enumerate(rows):
+            seq = head_ids + answer_ids
+            ids[i, :len(seq)] = torch.tensor(seq)
+            attention[i, :len(seq)] = 1
+            answer_mask[i, len(head_ids):len(seq)] = 1
+        with torch.inference_mode():
+            logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
+        logp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+        totals += (logp * answer_mask[:, 1:]).sum(1).tolist()
+    return totals
+
+
+def text_perplexity(model, tokenizer, texts: list[str], max_tokens: int = 256) -> float:
+    """exp(mean token negative log-likelihood) of plain texts (no chat template)."""
+    import math
+
+    import torch
+
+    nll, count = 0.0, 0
+    for text in texts:
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][:, :max_tokens]
+        if ids.shape[1] < 2:
+            continue
+        with torch.inference_mode():
+            loss = model(input_ids=ids, labels=ids).loss.item()
+        nll += loss * (ids.shape[1] - 1)
+        count += ids.shape[1] - 1
+    return math.exp(nll / count) if count else float("nan")

@@ -1,5 +1,5 @@
 """The pipeline's stages, in the order they run. One stage, one module."""
-from pipeline.stages import base, dataset, dpo, index, reward, sft
+from pipeline.stages import base, dataset, dpo, eval, index, ppo, reward, sft
 
 REGISTRY = {
     "base": base,
@@ -8,4 +8,6 @@ REGISTRY = {
     "sft": sft,
     "reward": reward,
     "dpo": dpo,
+    "ppo": ppo,
+    "eval": eval,
 }

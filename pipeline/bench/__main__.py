@@ -1,0 +1,122 @@
+"""`python -m pipeline.bench` (`make bench`): writes reports/bench.json and reports/bench.md.
+
+Every figure is a ratio against a baseline measured in the same run on the same machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import resource
+
+from pipeline.artifacts import Artifacts
+from pipeline.config import load_config
+
+
+def peak_rss_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default="quick")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 1_000_000])
+    parser.add_argument("--hnsw-max", type=int, default=200_000, help="largest collection given an HNSW index")
+    parser.add_argument("--variant", default="sft", help="model for the generation bench (falls back to base)")
+    parser.add_argument("--quality-questions", type=int, default=40)
+    parser.add_argument("--skip", nargs="*", default=[], choices=["embedding", "index", "generation"])
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    cfg = load_config(args.profile)
+    artifacts = Artifacts(cfg.paths.resolve("artifacts"))
+    from pipeline.data.records import load_split
+    from pipeline.evaluation.loop import select
+    from pipeline.retrieval.retriever import Retriever
+
+    from pipeline.bench import generation, retrieval
+
+    retriever = Retriever(artifacts.require("index"), cfg.retrieval)
+    records = load_split(cfg.paths.resolve("qa"), "eval")
+    report: dict = {"machine_note": "same-run ratios; absolute numbers depend on the machine and its load"}
+    answerable = [r for r in records if r.answerable]
+    if "embedding" not in args.skip:
+        texts = [c.embed_text for c in retriever.chunks]
+        relevant = [{i for i, c in enumerate(retriever.chunks) if c.doc_id == r.doc} for r in answerable]
+        report["embedding"] = retrieval.embedding_paths(texts, [r.question for r in answerable], relevant)
+    if "index" not in args.skip:
+        import time
+
+        embed_times = []
+        for r in answerable[:50]:
+            started = time.perf_counter()
+            retriever.embedder.encode_query(r.question)
+            embed_times.append(time.perf_counter() - started)
+        query_vectors = retriever.embedder.encode([r.question for r in answerable])
+        report["index"] = retrieval.index_latency(retriever.embeddings, query_vectors, args.sizes,
+                                                  args.hnsw_max, embed_times)
+        hybrid = []
+        for r in answerable[:100]:
+            started = time.perf_counter()
+            retriever.search(r.question, mode="hybrid")
+            hybrid.append(time.perf_counter() - started)
+        report["hybrid_query_on_project_index"] = {"chunks": len(retriever.chunks), **retrieval._percentiles(hybrid)}
+        report["peak_rss_mb_after_index_bench"] = peak_rss_mb()
+    if "generation" not in args.skip:
+        from pipeline.training import chain_of, load_causal_lm
+
+        variant = args.variant if artifacts.meta(args.variant) else "base"
+        model, tokenizer = load_causal_lm(artifacts, chain_of(artifacts, variant) if variant != "base" else [])
+        messages = generation.rag_prompt(retriever, tokenizer)
+        rows = {}
+        for name, path_model in generation.numeric_paths(model.eval()).items():
+            rows[name] = generation.time_generation(path_model, tokenizer, messages)
+        base = rows["fp32 (baseline)"]
+        for row in rows.values():
+            row["decode_speedup"] = round(row["decode_tokens_per_s"] / base["decode_tokens_per_s"], 2)
+            row["ttft_speedup"] = round(base["ttft_s"] / row["ttft_s"], 2)
+        fastest = max(rows, key=lambda n: rows[n]["decode_tokens_per_s"])
+        sample = select(records, args.quality_questions, cfg.seed)
+        paths = generation.numeric_paths(model.eval())
+        report["generation"] = {"variant": variant, "paths": rows, "fastest": fastest,
+                                "key_fact_accuracy": {
+                                    "fp32 (baseline)": generation.quality(paths["fp32 (baseline)"], tokenizer, sample, retriever),
+                                    fastest: generation.quality(paths[fastest], tokenizer, sample, retriever)},
+                                "quality_questions": len(sample)}
+        report["peak_rss_mb"] = peak_rss_mb()
+    out = cfg.paths.resolve("reports")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(report, indent=2))
+    (out / "bench.md").write_text(render(report))
+    print(render(report))
+
+
+def _table(rows: list[dict]) -> list[str]:
+    keys = list(rows[0])
+    return ["| " + " | ".join(keys) + " |", "|---" * len(keys) + "|"] + [
+        "| " + " | ".join(str(r[k]) for k in keys) + " |" for r in rows]
+
+
+def render(report: dict) -> str:
+    lines = ["# Benchmarks", "", "Made by `make bench` (`python -m pipeline.bench`); " + report["machine_note"] + ".", ""]
+    if "embedding" in report:
+        lines += ["## Embedding the project's chunks (all-MiniLM-L6-v2)", ""]
+        lines += _table([{"path": k, **v} for k, v in report["embedding"].items()]) + [""]
+    if "index" in report:
+        lines += ["## Vector search on synthetic collections (clustered around real embeddings)", ""]
+        lines += _table(report["index"]) + [""]
+        h = report["hybrid_query_on_project_index"]
+        lines += [f"Hybrid query (embed + faiss + BM25 + fusion) on the project index ({h['chunks']} chunks): "
+                  f"p50 {h['p50_ms']} ms, p95 {h['p95_ms']} ms.", ""]
+    if "generation" in report:
+        g = report["generation"]
+        lines += [f"## Generation ({g['variant']} variant, LoRA merged), a ~600-token RAG prompt", ""]
+        lines += _table([{"path": k, **v} for k, v in g["paths"].items()]) + [""]
+        lines += [f"Key-fact accuracy on {g['quality_questions']} held-out questions: "
+                  + ", ".join(f"{k}: {v}" for k, v in g["key_fact_accuracy"].items()) + ".", ""]
+    if "peak_rss_mb" in report:
+        lines += [f"Peak resident memory of the bench process: {report['peak_rss_mb']} MB.", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

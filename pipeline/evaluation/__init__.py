@@ -1,0 +1,1 @@
+"""Scoring answers: metric functions, the evaluation loop, and the report."""

@@ -1,0 +1,126 @@
+"""Answer the held-out questions with every built variant and score the answers.
+
+For each variant: the project template with retrieval; without retrieval for the variants
+named in ``no_retrieval_variants``; and, for the base model, its best plain layout (context
+then question in one user turn), so no gain is an artefact of a prompt it cannot read.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+
+from pipeline.evaluation.metrics import aggregate, score_answer
+from pipeline.prompt import build_messages, build_plain_messages, retrieval_query
+
+log = logging.getLogger("pipeline.eval")
+VARIANTS = ("base", "sft", "dpo", "ppo")
+
+
+@dataclass
+class EvalSettings:
+    max_questions: int = 0  # 0 = every eval record; else a fixed, stratified sample
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS))  # scored when built
+    no_retrieval_variants: list[str] = field(default_factory=lambda: ["base", "sft"])
+    plain_layout_for_base: bool = True  # also score base with its best plain layout
+    max_new_tokens: int = 96  # greedy answer length cap
+    batch_size: int = 8
+    perplexity_chunks: int = 24  # chunks of eval-only documents for held-out perplexity
+    examples: int = 4  # questions shown side by side in reports/eval.md
+
+
+def select(records, n: int, seed: int):
+    """A deterministic sample of ``n`` records keeping the unanswerable share."""
+    if not n or n >= len(records):
+        return list(records)
+    rng = random.Random(seed)
+    answerable = [r for r in records if r.answerable]
+    unanswerable = [r for r in records if not r.answerable]
+    n_un = round(n * len(unanswerable) / len(records))
+    return rng.sample(answerable, n - n_un) + rng.sample(unanswerable, n_un)
+
+
+@dataclass
+class Run:
+    """One (variant, layout, retrieval) configuration and what it produced."""
+
+    variant: str
+    layout: str  # "template" or "plain"
+    retrieval: bool
+    answers: list[str] = field(default_factory=list)
+    rows: list[dict] = field(default_factory=list)
+    seconds_per_answer: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"{self.variant} / {self.layout} / {'rag' if self.retrieval else 'no-rag'}"
+
+
+def evaluate(artifacts, records, retriever, settings: EvalSettings, perplexity_texts: list[str]) -> list[Run]:
+    from pipeline.generation import generate_batch
+    from pipeline.scoring import answer_logprobs, text_perplexity
+    from pipeline.training import chain_of, load_causal_lm
+
+    passages = [retriever.search(retrieval_query(r.question, r.history)) for r in records]
+    template_rag = [build_messages(r.question, p, r.history) for r, p in zip(records, passages)]
+    runs: list[Run] = []
+    built = [v for v in settings.variants if artifacts.meta(v) is not None]
+    for variant in built:
+        model, tokenizer = load_causal_lm(artifacts, [] if variant == "base" else chain_of(artifacts, variant))
+        model.eval()
+        configs = [("template", True)]
+        if variant in settings.no_retrieval_variants:
+            configs.append(("template", False))
+        if variant == "base" and settings.plain_layout_for_base:
+            configs.append(("plain", True))
+        for layout, use_retrieval in configs:
+            run = Run(variant, layout, use_retrieval)
+            prompts = []
+            for record, found in zip(records, passages):
+                shown = found if use_retrieval else []
+                prompts.append(build_messages(record.question, shown, record.history) if layout == "template"
+                               else build_plain_messages(record.question, shown))
+            started = time.time()
+            run.answers = generate_batch(model, tokenizer, prompts, settings.max_new_tokens,
+                                         settings.batch_size, desc=run.name)
+            run.seconds_per_answer = (time.time() - started) / max(1, len(records))
+            run.rows = [score_answer(a, r, p if use_retrieval else [])
+                        for a, r, p in zip(run.answers, records, passages)]
+            if layout == "template" and use_retrieval:
+                run.extra["own_logprob"] = answer_logprobs(model, tokenizer, template_rag, run.answers)
+                run.extra["perplexity"] = text_perplexity(model, tokenizer, perplexity_texts)
+            log.info("%s: %s", run.name, aggregate(run.rows))
+            runs.append(run)
+        del model
+    if "sft" in built:
+        sft, tokenizer = load_causal_lm(artifacts, chain_of(artifacts, "sft"))
+        for run in runs:
+            if "own_logprob" in run.extra:
+                under_sft = answer_logprobs(sft.eval(), tokenizer, template_rag, run.answers)
+                run.extra["kl_to_sft"] = statistics.fmean(
+                    o - s for o, s in zip(run.extra.pop("own_logprob"), under_sft))
+        del sft
+    if artifacts.meta("reward") is not None:
+        judge_with_reward_model(artifacts, runs, template_rag)
+    return runs
+
+
+def judge_with_reward_model(artifacts, runs: list[Run], template_rag) -> None:
+    """Reward-model score of every answer (judged in the template layout), and win rate vs SFT."""
+    from pipeline.scoring import reward_scores
+    from pipeline.stages.ppo import load_reward_model
+
+    scorer, tokenizer = load_reward_model(artifacts)
+    for run in runs:
+        conversations = [p + [{"role": "assistant", "content": a}] for p, a in zip(template_rag, run.answers)]
+        run.extra["reward_scores"] = reward_scores(scorer, tokenizer, conversations)
+    sft = {r.retrieval: r for r in runs if r.variant == "sft" and r.layout == "template"}
+    for run in runs:
+        reference = sft.get(run.retrieval)
+        if reference is not None:
+            pairs = zip(run.extra["reward_scores"], reference.extra["reward_scores"])
+            run.extra["win_rate_vs_sft"] = statistics.fmean(
+                1.0 if a > b else 0.5 if a == b else 0.0 for a, b in pairs)

@@ -1,0 +1,80 @@
+"""reports/eval.json, reports/eval.md (table + answers side by side) and a bar chart."""
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from pipeline.evaluation.metrics import aggregate
+
+COLUMNS = [("key_fact_accuracy", "key-fact acc"), ("abstention_accuracy", "abstention"),
+           ("false_refusal_rate", "false refusal"), ("citation_precision", "citation prec"),
+           ("token_f1", "F1"), ("rouge_l", "ROUGE-L"), ("bleu", "BLEU"), ("mean_words", "words"),
+           ("repetition_rate", "repetition"), ("reward", "RM score"), ("win_rate_vs_sft", "win vs SFT"),
+           ("kl_to_sft", "KL to SFT"), ("perplexity", "held-out ppl"), ("seconds_per_answer", "s/answer")]
+
+
+def summarise(run) -> dict:
+    summary = {"variant": run.variant, "layout": run.layout, "retrieval": run.retrieval,
+               **aggregate(run.rows), "seconds_per_answer": round(run.seconds_per_answer, 2)}
+    if "reward_scores" in run.extra:
+        summary["reward"] = round(statistics.fmean(run.extra["reward_scores"]), 4)
+    for key in ("win_rate_vs_sft", "kl_to_sft", "perplexity"):
+        if key in run.extra:
+            summary[key] = round(float(run.extra[key]), 4)
+    return summary
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def write_report(runs, records, out_dirs: list[Path], header: str, examples: int) -> dict:
+    summaries = [summarise(run) for run in runs]
+    report = {"questions": len(records), "runs": summaries, "answers": {
+        run.name: [{"id": r.id, "answer": a} for r, a in zip(records, run.answers)] for run in runs}}
+    lines = [header, "", "| variant | layout | retrieval | " + " | ".join(l for _, l in COLUMNS) + " |",
+             "|---" * (len(COLUMNS) + 3) + "|"]
+    for s in summaries:
+        lines.append(f"| {s['variant']} | {s['layout']} | {'on' if s['retrieval'] else 'off'} | "
+                     + " | ".join(_cell(s.get(k)) for k, _ in COLUMNS) + " |")
+    lines += ["", "![key metrics](eval.png)", "", "## Answers side by side", ""]
+    shown = [r for r in records if r.answerable][: max(0, examples - 1)] + \
+            [r for r in records if not r.answerable][:1]
+    index = {r.id: i for i, r in enumerate(records)}
+    for record in shown:
+        lines += [f"**{record.id}**: {record.question}  ", f"_reference_: {record.answer or '(no answer in the documents)'}", ""]
+        for run in runs:
+            answer = " ".join(run.answers[index[record.id]].split()) or "(empty)"
+            lines.append(f"- `{run.name}`: {answer}")
+        lines.append("")
+    for folder in out_dirs:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "eval.json").write_text(json.dumps(report, indent=2))
+        (folder / "eval.md").write_text("\n".join(lines) + "\n")
+        plot(summaries, folder / "eval.png")
+    return report
+
+
+def plot(summaries: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = ["key_fact_accuracy", "abstention_accuracy", "false_refusal_rate", "citation_precision"]
+    labels = [f"{s['variant']}/{s['layout'][0]}/{'rag' if s['retrieval'] else 'no'}" for s in summaries]
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(summaries)), 4))
+    width = 0.8 / len(keys)
+    for i, key in enumerate(keys):
+        ax.bar([x + i * width for x in range(len(summaries))], [s.get(key) or 0 for s in summaries],
+               width, label=key.replace("_", " "))
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(summaries))], labels, rotation=20, fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    ax.set_title("Held-out questions: what each stage bought")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,172 @@
+"""SFT, reward and DPO stages on a tiny hand-built model (TRL's real trainers, no downloads)."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import SMALL_DOCS, write_lora_variant
+from pipeline.artifacts import Artifacts, file_digest
+from pipeline.runner import run_pipeline
+
+QA = [
+    {"id": f"adam-{i}", "question": q, "answer": a, "doc": "adam.md", "facts": [[f]]}
+    for i, (q, a, f) in enumerate([
+        ("Who proposed Adam?", "Diederik Kingma and Jimmy Ba.", "Kingma"),
+        ("When was Adam proposed?", "In 2014.", "2014"),
+        ("What is Adam's beta1?", "beta1 = 0.9.", "0.9"),
+        ("What is Adam's beta2?", "beta2 = 0.999.", "0.999"),
+    ])
+] + [
+    {"id": "drop-1", "question": "What dropout rate did the paper use?", "answer": "p = 0.5.",
+     "doc": "dropout.md", "facts": [["0.5"]]},
+    {"id": "drop-2", "question": "What does dropout zero?", "answer": "Each unit, with probability p.",
+     "doc": "dropout.md", "facts": [["unit"]]},
+] + [{"id": f"none-{i}", "question": q, "answer": None, "doc": None, "facts": []}
+     for i, q in enumerate(["What is the capital of Mars?", "Who won the 2030 cup?", "What is BLEU?"])]
+
+SHORT = ["sft.max_steps=2", "sft.batch_size=2", "sft.grad_accum=1", "sft.max_length=256",
+         "sft.learning_rate=0.01", "sft.bf16=false", "sft.logging_steps=1",
+         "dataset.on_policy_negatives=2", "dataset.on_policy_max_new_tokens=4",
+         "dataset.validation_share=0.3", "retrieval.top_k=2"]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, tiny_model_dir):
+    from pipeline.config import load_config
+
+    root = tmp_path_factory.mktemp("align")
+    (root / "docs").mkdir()
+    (root / "qa").mkdir()
+    for name, text in SMALL_DOCS.items():
+        (root / "docs" / name).write_text(text)
+    (root / "qa" / "train.jsonl").write_text("\n".join(json.dumps(r) for r in QA) + "\n")
+
+    def config(*overrides):
+        return load_config("tiny", [f"paths.artifacts={root / 'artifacts'}", f"paths.reports={root / 'reports'}",
+                                    f"paths.docs={root / 'docs'}", f"paths.qa={root / 'qa'}",
+                                    f"base.model={tiny_model_dir}", *SHORT, *overrides])
+
+    cfg = config()
+    for stage in ("base", "index", "dataset"):
+        run_pipeline(cfg, only=stage)
+    return root, config
+
+
+def test_dataset_builds_grounded_sets(workspace):
+    root, _ = workspace
+    folder = root / "artifacts" / "dataset"
+    sft = [json.loads(line) for line in (folder / "sft.jsonl").read_text().splitlines()]
+    sft_val = [json.loads(line) for line in (folder / "sft_val.jsonl").read_text().splitlines()]
+    assert {r["id"].removesuffix("-drill") for r in sft + sft_val} == {r["id"] for r in QA}
+    by_id = {r["id"]: r for r in sft + sft_val}
+    assert by_id["adam-0"]["completion"][0]["content"].startswith("Diederik Kingma and Jimmy Ba [")
+    assert by_id["none-0"]["completion"][0]["content"] == "The provided documents do not contain the answer."
+    assert "Passages:\n[1] (" in by_id["adam-0"]["prompt"][-1]["content"]
+    prefs = [json.loads(line) for line in (folder / "prefs.jsonl").read_text().splitlines()]
+    assert all(p["chosen"] != p["rejected"] for p in prefs)
+    meta = json.loads((folder / "meta.json").read_text())["metrics"]
+    assert meta["records"] == len(QA) and sum(meta["rejection_kinds"].values()) == meta["prefs_rows"] + meta["prefs_val_rows"]
+
+
+def test_sft_moves_only_the_lora_weights(workspace):
+    root, config = workspace
+    base_digest = file_digest(root / "artifacts/base/model.safetensors")
+    metrics = run_pipeline(config(), only="sft")["sft"]
+    from safetensors.torch import load_file
+
+    adapter = load_file(root / "artifacts/sft/adapter/adapter_model.safetensors")
+    assert adapter and all("lora_" in name for name in adapter), "only adapter weights are saved"
+    assert all(t.abs().sum() > 0 for n, t in adapter.items() if "lora_B" in n), "B starts at 0: it must move"
+    assert file_digest(root / "artifacts/base/model.safetensors") == base_digest
+    assert math.isfinite(metrics["train_loss"]) and metrics["steps"] == 2
+    assert metrics["held_out_loss_base"] > 0 and (root / "reports/sft_loss.png").stat().st_size > 1000
+
+
+def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
+    """-log sigmoid(beta * ((pc - rc) - (pr - rr))) (Rafailov et al. 2023)."""
+    return -torch.nn.functional.logsigmoid(beta * ((policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)))
+
+
+def test_dpo_loss_by_hand_and_in_trl(workspace, tiny_model_dir):
+    # by hand: log-ratios +1 (chosen) and -1 (rejected), beta 0.1 -> -log sigmoid(0.2)
+    by_hand = math.log(1 + math.exp(-0.2))
+    assert dpo_loss(torch.tensor(-10.0), torch.tensor(-12.0), torch.tensor(-11.0), torch.tensor(-11.0),
+                    0.1).item() == pytest.approx(by_hand)
+    assert by_hand == pytest.approx(0.59814, abs=1e-5)
+
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():  # make the two models differ, so the loss is not log 2
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    pairs = Dataset.from_list([{"prompt": [{"role": "user", "content": "hi"}],
+                                "chosen": [{"role": "assistant", "content": "hello"}],
+                                "rejected": [{"role": "assistant", "content": "go away"}]}])
+    args = DPOConfig(output_dir=str(workspace[0] / "dpo-check"), beta=0.1, report_to=[], use_cpu=True,
+                     per_device_train_batch_size=1, max_length=64, bf16=False)
+    trainer = DPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=pairs,
+                         processing_class=tokenizer)
+    batch = trainer.data_collator([trainer.train_dataset[0]])
+    trainer.model.eval()
+    loss = trainer.compute_loss(trainer.model, batch).item()
+
+    def completion_logp(model):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        logp = torch.log_softmax(logits.float(), -1).gather(-1, batch["input_ids"][:, 1:].unsqueeze(-1)).squeeze(-1)
+        return (logp * batch["completion_mask"][:, 1:]).sum(1)  # rows: chosen, then rejected
+
+    with torch.no_grad():
+        pol, ref = completion_logp(policy), completion_logp(reference)
+    assert loss == pytest.approx(dpo_loss(pol[0], pol[1], ref[0], ref[1], 0.1).item(), rel=1e-4)
+    assert abs(loss - math.log(2)) > 1e-4
+
+
+def test_reward_model_ranks_a_separable_toy_set(workspace):
+    root, config = workspace
+    artifacts = Artifacts(root / "artifacts")
+    write_lora_variant(root / "artifacts", "sft", ["sft"])
+    toy = root / "toy-dataset"
+    toy.mkdir(exist_ok=True)
+
+    def pair(i, good, bad):
+        prompt = [{"role": "user", "content": f"question {i}"}]
+        return {"id": f"t{i}", "kind": "toy", "prompt": prompt,
+                "chosen": [{"role": "assistant", "content": good}],
+                "rejected": [{"role": "assistant", "content": bad}]}
+
+    rows = [pair(i, "yes " * (1 + i % 3), "no " * (1 + i % 3)) for i in range(24)]
+    (toy / "prefs.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:16]) + "\n")
+    (toy / "prefs_val.jsonl").write_text("\n".join(json.dumps(r) for r in rows[16:]) + "\n")
+    Artifacts.write_meta(toy, {"stage": "dataset", "fingerprint": "toy", "metrics": {}})
+    real = artifacts.dir("dataset")
+    real.rename(root / "real-dataset")
+    toy.rename(real)
+    try:
+        metrics = run_pipeline(config("reward.max_steps=30", "reward.learning_rate=0.01", "reward.batch_size=4",
+                                      "reward.grad_accum=1", "reward.max_length=64", "reward.bf16=false",
+                                      "reward.eval_rows=0"), only="reward")["reward"]
+    finally:
+        real.rename(toy)
+        (root / "real-dataset").rename(real)
+    assert metrics["held_out_pairs"] == 8 and metrics["held_out_accuracy"] == 1.0, metrics
+    assert metrics["margin_min"] > 0
+
+
+def test_dpo_stage_trains_a_new_adapter_on_sft(workspace):
+    root, config = workspace
+    if not (root / "artifacts/sft/meta.json").exists():
+        run_pipeline(config(), only="sft")
+    metrics = run_pipeline(config("dpo.max_steps=2", "dpo.batch_size=1", "dpo.grad_accum=1",
+                                  "dpo.max_length=256", "dpo.bf16=false"), only="dpo")["dpo"]
+    assert metrics["adapter_chain"] == ["sft", "dpo"] and metrics["steps"] == 2
+    assert metrics["held_out_accuracy"] is not None and 0.0 <= metrics["held_out_accuracy"] <= 1.0
+    assert (root / "artifacts/dpo/adapter/adapter_model.safetensors").exists()

@@ -1,0 +1,133 @@
+"""PPO math worked out by hand, and a learning test on a tiny model with a synthetic reward."""
+from __future__ import annotations
+
+import random
+import statistics
+
+import pytest
+import torch
+
+from pipeline.rl.ppo_math import (AdaptiveKLController, FixedKLController, LengthSampler,
+                                  clipped_policy_loss, clipped_value_loss, gae, kl_penalty,
+                                  masked_mean, per_token_rewards, whiten)
+
+
+def test_kl_estimators():
+    logprobs, ref = torch.tensor([[-1.0, -2.0]]), torch.tensor([[-1.5, -1.0]])
+    assert kl_penalty(logprobs, ref, "kl").tolist() == [[0.5, -1.0]]
+    assert kl_penalty(logprobs, ref, "abs").tolist() == [[0.5, 1.0]]
+    assert kl_penalty(logprobs, ref, "mse").tolist() == [[0.125, 0.5]]
+    with pytest.raises(ValueError, match="kl estimator"):
+        kl_penalty(logprobs, ref, "full")
+
+
+def test_gae_three_steps_by_hand():
+    rewards = torch.tensor([[0.0, 0.0, 1.0]])
+    values = torch.tensor([[0.5, 0.6, 0.7]])
+    mask = torch.ones(1, 3)
+    # gamma 1, lambda 0.9: deltas 0.1, 0.1, 0.3; A2 = 0.3, A1 = 0.1 + 0.9*0.3, A0 = 0.1 + 0.9*0.37
+    advantages, returns = gae(rewards, values, mask, gamma=1.0, lam=0.9)
+    torch.testing.assert_close(advantages, torch.tensor([[0.433, 0.37, 0.3]]))
+    torch.testing.assert_close(returns, torch.tensor([[0.933, 0.97, 1.0]]))
+    # gamma 0.5, lambda 1: deltas -0.2, -0.25, 0.3; A1 = -0.25 + 0.5*0.3, A0 = -0.2 + 0.5*(-0.1)
+    advantages, _ = gae(rewards, values, mask, gamma=0.5, lam=1.0)
+    torch.testing.assert_close(advantages, torch.tensor([[-0.25, -0.1, 0.3]]))
+    # padding after the last real token contributes nothing
+    padded, _ = gae(torch.tensor([[0.0, 1.0, 5.0]]), values, torch.tensor([[1.0, 1.0, 0.0]]), 1.0, 1.0)
+    torch.testing.assert_close(padded, torch.tensor([[0.5, 0.4, 0.0]]))
+
+
+def test_rewards_put_the_score_on_the_last_real_token():
+    rewards = per_token_rewards(torch.tensor([2.0]), torch.tensor([[0.1, 0.2, 0.3]]),
+                                torch.tensor([[1.0, 1.0, 0.0]]), kl_coef=0.5)
+    torch.testing.assert_close(rewards, torch.tensor([[-0.05, 1.9, 0.0]]))
+
+
+def test_clipped_policy_loss_by_hand():
+    old, new = torch.zeros(1, 1), torch.log(torch.tensor([[1.5]]))
+    mask = torch.ones(1, 1)
+    loss, clip_fraction, approx_kl = clipped_policy_loss(new, old, torch.ones(1, 1), mask, clip=0.2)
+    assert loss.item() == pytest.approx(-1.2) and clip_fraction == 1.0  # ratio capped at 1.2
+    assert approx_kl == pytest.approx(0.5 * torch.log(torch.tensor(1.5)).item() ** 2)
+    loss, clip_fraction, _ = clipped_policy_loss(new, old, -torch.ones(1, 1), mask, clip=0.2)
+    assert loss.item() == pytest.approx(1.5) and clip_fraction == 0.0  # pessimistic side kept
+
+
+def test_clipped_value_loss_by_hand():
+    mask = torch.ones(1, 1)
+    # V moved from 1 to 2, target 0: unclipped error 4, clipped (1.2) 1.44 -> max 4 -> 0.5 * 4
+    assert clipped_value_loss(torch.tensor([[2.0]]), torch.tensor([[1.0]]), torch.zeros(1, 1), mask,
+                              0.2).item() == pytest.approx(2.0)
+    # V moved to the target 0.5 from 1: unclipped 0, clipped (0.8) 0.09 -> 0.045
+    assert clipped_value_loss(torch.tensor([[0.5]]), torch.tensor([[1.0]]), torch.tensor([[0.5]]),
+                              mask, 0.2).item() == pytest.approx(0.045)
+
+
+def test_adaptive_kl_controller_update():
+    controller = AdaptiveKLController(0.1, target=6.0, horizon=10_000)
+    controller.update(current_kl=9.0, n_steps=256)  # error clipped to +0.2
+    assert controller.value == pytest.approx(0.1 * (1 + 0.2 * 256 / 10_000))
+    controller = AdaptiveKLController(0.1, target=6.0, horizon=10_000)
+    controller.update(current_kl=5.4, n_steps=100)  # error -0.1
+    assert controller.value == pytest.approx(0.1 * (1 - 0.1 * 100 / 10_000))
+    fixed = FixedKLController(0.3)
+    fixed.update(100.0, 64)
+    assert fixed.value == 0.3
+
+
+def test_length_sampler_and_whitening():
+    sampler = LengthSampler(4, 8, random.Random(0))
+    draws = [sampler() for _ in range(400)]
+    assert set(draws) == {4, 5, 6, 7}
+    with pytest.raises(ValueError, match="low < high"):
+        LengthSampler(5, 5, random.Random(0))
+    values, mask = torch.tensor([[1.0, 2.0, 3.0, 100.0]]), torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    white = whiten(values, mask)
+    assert masked_mean(white, mask).item() == pytest.approx(0.0, abs=1e-6)
+    assert white[0, 3].item() == 0.0
+
+
+def _tiny_policy(seed: int = 0):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    from conftest import build_tiny_llama, build_tokenizer
+
+    tokenizer = build_tokenizer()
+    config = build_tiny_llama(len(tokenizer)).config
+    config.tie_word_embeddings = False
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).eval()
+    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "lm_head"])
+    return get_peft_model(model, lora), tokenizer
+
+
+def _vowel_share(batch, texts):
+    return [sum(ch in "aeiou" for ch in text) / max(1, len(text)) for text in texts]
+
+
+def _run(kl_coef: float):
+    from pipeline.rl.trainer import PPOSettings, train
+
+    policy, tokenizer = _tiny_policy()
+    prompts = [[{"role": "user", "content": q}] for q in ("hi", "tell me", "what is it", "go")]
+    settings = PPOSettings(steps=24, batch_size=8, minibatch_size=4, ppo_epochs=2, learning_rate=2e-2,
+                           response_min=8, response_max=16, temperature=1.0, kl_coef=kl_coef,
+                           adaptive_kl=False, early_stop_kl=10.0, seed=0)
+    history, _ = train(policy, tokenizer, prompts, _vowel_share, settings)
+    quarter = len(history) // 4
+    rewards = [row["reward_mean"] for row in history]
+    return (statistics.fmean(rewards[:quarter]), statistics.fmean(rewards[-quarter:]),
+            [row["kl"] for row in history], policy)
+
+
+def test_ppo_raises_a_synthetic_reward_and_a_large_kl_coef_holds_the_policy():
+    first, last, kls, policy = _run(kl_coef=0.01)
+    assert last > 3 * first and last > 0.3, (first, last)
+    assert max(kls) < 60, "KL must stay bounded"
+    base_weights = {n: p for n, p in policy.named_parameters() if "lora" not in n}
+    assert all(not p.requires_grad for p in base_weights.values()), "only the adapter trains"
+
+    held_first, held_last, held_kls, _ = _run(kl_coef=5.0)
+    assert statistics.fmean(held_kls[-6:]) < 2.0 < statistics.fmean(kls[-6:])
+    assert held_last - held_first < last - first
