@@ -97,16 +97,24 @@ def test_parent_change_reruns_child(tiny_config, monkeypatch):
     monkeypatch.setattr(runner, "_code_digest", lambda module: "fixed")
     cfg = tiny_config()
     cfg.child = _ChildConfig()
-    runner.run_pipeline(cfg)
-    runner.run_pipeline(cfg)
+
+    def both(config):
+        runner.run_pipeline(config, only="base")
+        runner.run_pipeline(config, only="child")
+
+    both(cfg)
+    both(cfg)
     assert calls == [1], "nothing changed, so the child must not rerun"
     runner.run_pipeline(cfg, only="base", force=True)  # same inputs: same fingerprint
-    runner.run_pipeline(cfg)
+    both(cfg)
     assert calls == [1]
     changed = tiny_config("base.dtype=bfloat16")
     changed.child = _ChildConfig()
-    runner.run_pipeline(changed)
+    both(changed)
     assert calls == [1, 1], "a rebuilt parent with a new fingerprint must rerun its child"
+    changed.child.factor = 2
+    both(changed)
+    assert calls == [1, 1, 2], "a config change must rerun the child"
 
 
 def test_failed_stage_keeps_previous_artifact(tiny_config, monkeypatch):

@@ -72,7 +72,9 @@ def run(config: Config, ctx) -> dict:
     trainer = DPOTrainer(model=model, args=args, train_dataset=train, eval_dataset=held_out,
                          processing_class=tokenizer, peft_config=peft_config(config.lora))
     result = trainer.train()
-    scores = trainer.evaluate()
+    scores = trainer.evaluate() if len(held_out) else {}
+    if not len(held_out):
+        ctx.log.warning("prefs_val.jsonl is empty: no held-out DPO metrics")
     trainer.model.save_pretrained(ctx.out_dir / "adapter")
     shutil.rmtree(ctx.out_dir / "checkpoints", ignore_errors=True)
     history = trainer.state.log_history

@@ -53,7 +53,7 @@ def held_out_report(model, tokenizer, rows: list[dict]) -> dict:
         by_kind[row["kind"]].append(margin > 0)
     return {
         "held_out_pairs": len(rows),
-        "held_out_accuracy": round(sum(m > 0 for m in margins) / max(1, len(margins)), 4),
+        "held_out_accuracy": round(sum(m > 0 for m in margins) / len(margins), 4) if margins else None,
         "margin_mean": round(statistics.fmean(margins), 4) if margins else None,
         "margin_median": round(statistics.median(margins), 4) if margins else None,
         "margin_min": round(min(margins), 4) if margins else None,
