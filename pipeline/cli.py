@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 import logging
 import sys
 
@@ -68,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     data_commands = data.add_subparsers(dest="data_command", required=True)
     data_check = data_commands.add_parser("check", help="validate data/qa and print the counts")
     _add_profile(data_check)
+    export = data_commands.add_parser("export-feedback", help="chat feedback -> preference pairs for dpo")
+    export.add_argument("--db", default="cache/feedback.sqlite")
+    export.add_argument("--out", default="data/feedback/prefs.jsonl")
+    _add_profile(export)
     return parser
 
 
@@ -100,6 +105,14 @@ def main(argv: list[str] | None = None) -> int:
 
             report = check(cfg.paths.resolve("qa"), cfg.paths.resolve("docs"))
             print(json.dumps(report, indent=2))
+        elif args.command == "data" and args.data_command == "export-feedback":
+            from pipeline.data.feedback import FeedbackStore, export_pairs
+
+            if not Path(args.db).exists():
+                raise UserError(f"no feedback database at {args.db}; rate some answers in the chat first")
+            count = export_pairs(FeedbackStore(Path(args.db)), Path(args.out))
+            print(f"wrote {count} preference pairs to {args.out}; the dpo stage reads them with "
+                  f"dpo.extra_prefs={args.out}")
         elif args.command == "retrieve":
             retrieval_commands.retrieve(cfg, args.index, args.queries, args.k, args.out, args.mode)
     except USER_ERRORS as err:

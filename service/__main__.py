@@ -17,6 +17,7 @@ from pathlib import Path
 
 from pipeline.artifacts import Artifacts, inputs_digest
 from pipeline.config import REPO_ROOT, load_config
+from pipeline.data.feedback import FeedbackStore
 from pipeline.errors import UserError
 
 NEEDED = ("base", "index")
@@ -46,6 +47,20 @@ def ensure_built(cfg, no_build: bool, need_index: bool) -> None:
         run_pipeline(cfg, only=stage)
 
 
+def make_library(cfg, args, engine):
+    """Uploads need the folder the served index came from: the default docs or --docs."""
+    from service.library import Library
+
+    if args.index:
+        return None
+    docs = Path(args.docs).resolve() if args.docs else cfg.paths.resolve("docs")
+    key = hashlib.sha256(str(docs).encode()).hexdigest()[:12]
+    library = Library(docs, engine.retriever.folder, REPO_ROOT / "cache" / "library" / key, cfg.index)
+    if library.documents():  # uploads from an earlier session: serve them again
+        engine.set_index(library.rebuild())
+    return library
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m service", description=__doc__.split("\n")[0])
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
@@ -55,6 +70,9 @@ def main(argv=None) -> int:
     source.add_argument("--index", help="serve an index built by `python -m pipeline index`")
     source.add_argument("--docs", help="index this folder on the fly (cached by content)")
     parser.add_argument("--no-build", action="store_true", help="never train; fail if artifacts are missing")
+    parser.add_argument("--remote", metavar="URL", help="send generation to an OpenAI-compatible server")
+    parser.add_argument("--remote-model", help="model name to ask the remote server for")
+    parser.add_argument("--feedback-db", default=str(REPO_ROOT / "cache" / "feedback.sqlite"))
     parser.add_argument("--profile", default="quick")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
@@ -70,9 +88,11 @@ def main(argv=None) -> int:
         cfg = load_config(args.profile, args.overrides)
         ensure_built(cfg, args.no_build, need_index=not (args.index or args.docs))
         index_dir = Path(args.index) if args.index else docs_cache(cfg, Path(args.docs)) if args.docs else None
-        engine = Engine(cfg.paths.resolve("artifacts"), index_dir, cfg.retrieval)
+        engine = Engine(cfg.paths.resolve("artifacts"), index_dir, cfg.retrieval,
+                        remote_url=args.remote, remote_model=args.remote_model)
         engine.retriever  # load now, so a corrupt index fails before the server starts
-        app = build_app(engine, args.variant)
+        library = make_library(cfg, args, engine)
+        app = build_app(engine, args.variant, library, FeedbackStore(Path(args.feedback_db)))
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 import html
 import logging
 import os
+from pathlib import Path
 
 import gradio as gr
 
@@ -45,13 +46,14 @@ def sources_markdown(passages, answer: str = "") -> str:
     return "\n\n".join(blocks)
 
 
-def build_ui(engine: Engine, default_variant: str = "base") -> gr.Blocks:
+def build_ui(engine: Engine, default_variant: str = "base", library=None, feedback=None) -> gr.Blocks:
     variants = engine.variants() or ["base"]
     default_variant = default_variant if default_variant in variants else variants[0]
 
-    def respond(message, chat, variant, use_retrieval, temperature, top_p, max_new_tokens,
+    def respond(message, chat, answered, variant, use_retrieval, temperature, top_p, max_new_tokens,
                 repetition_penalty):
         chat = list(chat or [])
+        answered = dict(answered or {})
         history = history_pairs(chat)
         chat.append({"role": "user", "content": message})
         chat.append({"role": "assistant", "content": ""})
@@ -60,14 +62,62 @@ def build_ui(engine: Engine, default_variant: str = "base") -> gr.Blocks:
             for reply in engine.stream(message, history=history, variant=variant,
                                        use_retrieval=use_retrieval, settings=settings):
                 chat[-1] = {"role": "assistant", "content": reply.text}
-                yield chat, sources_markdown(reply.passages, reply.text), ""
+                answered[len(chat) - 1] = {"variant": reply.variant, "prompt": reply.messages,
+                                           "answer": reply.text}
+                yield chat, sources_markdown(reply.passages, reply.text), "", answered
         except UserError as err:
             chat[-1] = {"role": "assistant", "content": f"⚠️ {err}"}
-            yield chat, "", ""
+            yield chat, "", "", answered
         except Exception as err:  # one failing request must not take the server down
             log.exception("chat request failed")
             chat[-1] = {"role": "assistant", "content": f"⚠️ Something went wrong: {err}"}
-            yield chat, "", ""
+            yield chat, "", "", answered
+
+    def rate(data: gr.LikeData, answered):
+        index = data.index[0] if isinstance(data.index, (list, tuple)) else data.index
+        turn = (answered or {}).get(index) or (answered or {}).get(str(index))
+        if feedback is None or turn is None or not turn["prompt"]:
+            return "_Nothing to rate yet._"
+        feedback.record(turn["variant"], turn["prompt"], turn["answer"], 1 if data.liked else -1)
+        return "Thanks: feedback saved."
+
+    def improve(better, answered):
+        if feedback is None or not answered or not (better or "").strip():
+            return "_Write a better answer for the last reply first._", better
+        last = max(answered, key=int)
+        turn = answered[last]
+        feedback.record(turn["variant"], turn["prompt"], turn["answer"], -1, better)
+        return "Thanks: your better answer was saved as a preference pair.", ""
+
+    def documents_table():
+        if library is None:
+            return "_Uploads need the documents folder: start with the default index or `--docs DIR`._"
+        rows = library.documents()
+        if not rows:
+            return "_No uploaded documents yet._"
+        return "\n".join(f"- `{r['name']}` ({r['kilobytes']} kB)" for r in rows)
+
+    def upload(files):
+        if library is None:
+            return documents_table(), "Uploads are off for this server."
+        messages = []
+        for file in files or []:
+            path = getattr(file, "name", file)
+            try:
+                engine.set_index(library.add(Path(path).name, Path(path).read_bytes()))
+                messages.append(f"added {Path(path).name}")
+            except UserError as err:
+                messages.append(f"⚠️ {err}")
+        return documents_table(), "; ".join(messages) or "Choose files first."
+
+    def remove(name):
+        if library is None or not name:
+            return documents_table(), "Choose a document to remove."
+        try:
+            engine.set_index(library.remove(name))
+            return documents_table(), f"removed {name}"
+        except UserError as err:
+            return documents_table(), f"⚠️ {err}"
 
     def compare(question, left, right, use_retrieval):
         outputs = []
@@ -89,7 +139,13 @@ def build_ui(engine: Engine, default_variant: str = "base") -> gr.Blocks:
                         message = gr.Textbox(placeholder="Ask about the documents…", show_label=False,
                                              scale=5, elem_id="message")
                         send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
+                    with gr.Row():
+                        better = gr.Textbox(placeholder="Optional: a better answer to the last reply",
+                                            show_label=False, scale=5)
+                        send_better = gr.Button("Save better answer", scale=1)
+                    feedback_note = gr.Markdown("")
                     clear = gr.Button("Clear conversation")
+                    answered = gr.State({})
                 with gr.Column(scale=2):
                     variant = gr.Dropdown(variants, value=default_variant, label="Model variant")
                     use_retrieval = gr.Checkbox(True, label="Retrieve passages")
@@ -99,10 +155,15 @@ def build_ui(engine: Engine, default_variant: str = "base") -> gr.Blocks:
                         max_new = gr.Slider(16, 512, 160, step=16, label="Max new tokens")
                         repetition = gr.Slider(1.0, 2.0, 1.1, step=0.05, label="Repetition penalty")
                     sources = gr.Markdown("_Sources appear here._", elem_id="sources")
-            inputs = [message, chatbot, variant, use_retrieval, temperature, top_p, max_new, repetition]
-            send.click(respond, inputs, [chatbot, sources, message], api_name="chat")
-            message.submit(respond, inputs, [chatbot, sources, message], api_name=False)
-            clear.click(lambda: ([], "_Sources appear here._"), None, [chatbot, sources], api_name=False)
+            inputs = [message, chatbot, answered, variant, use_retrieval, temperature, top_p, max_new,
+                      repetition]
+            outputs = [chatbot, sources, message, answered]
+            send.click(respond, inputs, outputs, api_name="chat")
+            message.submit(respond, inputs, outputs, api_name=False)
+            chatbot.like(rate, [answered], [feedback_note], api_name=False)
+            send_better.click(improve, [better, answered], [feedback_note, better], api_name=False)
+            clear.click(lambda: ([], "_Sources appear here._", {}), None, [chatbot, sources, answered],
+                        api_name=False)
         with gr.Tab("Compare"):
             question = gr.Textbox(label="Question")
             with gr.Row():
@@ -114,6 +175,18 @@ def build_ui(engine: Engine, default_variant: str = "base") -> gr.Blocks:
                 left_out, right_out = gr.Markdown(), gr.Markdown()
             run_compare.click(compare, [question, left, right, compare_retrieval],
                               [left_out, right_out], api_name="compare")
+        with gr.Tab("Documents"):
+            gr.Markdown("Upload .md, .txt, .html, .pdf or BEIR .jsonl files (10 MB each at most); "
+                        "they are indexed incrementally and answers can cite them at once.")
+            files = gr.File(file_count="multiple", label="Files")
+            add = gr.Button("Add to the index", variant="primary")
+            listing = gr.Markdown(documents_table())
+            with gr.Row():
+                to_remove = gr.Textbox(label="Uploaded document to remove (its name)", scale=4)
+                drop = gr.Button("Remove", scale=1)
+            status = gr.Markdown("")
+            add.click(upload, [files], [listing, status], api_name="upload")
+            drop.click(remove, [to_remove], [listing, status], api_name="remove_document")
     return demo
 
 
@@ -128,12 +201,12 @@ def auth_from_env() -> tuple[str, str] | None:
     return user, password
 
 
-def build_app(engine: Engine, default_variant: str = "base"):
+def build_app(engine: Engine, default_variant: str = "base", library=None, feedback=None):
     from fastapi import FastAPI
 
     from service.openai_api import build_router
 
     api = FastAPI(title="alignrag")
     api.include_router(build_router(engine))
-    demo = build_ui(engine, default_variant).queue(default_concurrency_limit=1, max_size=32)
+    demo = build_ui(engine, default_variant, library, feedback).queue(default_concurrency_limit=1, max_size=32)
     return gr.mount_gradio_app(api, demo, path="", auth=auth_from_env())

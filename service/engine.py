@@ -41,6 +41,7 @@ class Reply:
     variant: str = "base"
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    messages: list = field(default_factory=list)  # the exact prompt the model answered
 
 
 def adapter_chain(artifacts: Artifacts, variant: str) -> list[Path]:
@@ -69,8 +70,11 @@ def load_variant(artifacts: Artifacts, variant: str):
 
 class Engine:
     def __init__(self, artifacts_dir: Path, index_dir: Path | None = None,
-                 retrieval: RetrievalSettings | None = None, max_concurrent: int = 1):
+                 retrieval: RetrievalSettings | None = None, max_concurrent: int = 1,
+                 remote_url: str | None = None, remote_model: str | None = None):
         self.artifacts = Artifacts(artifacts_dir)
+        self.remote_url = remote_url.rstrip("/") if remote_url else None  # an OpenAI-compatible server
+        self.remote_model = remote_model
         self.retrieval = retrieval or RetrievalSettings()
         self.index_dir = Path(index_dir) if index_dir else None
         self._retriever = None
@@ -80,6 +84,8 @@ class Engine:
 
     # -- resources -------------------------------------------------------------------
     def variants(self) -> list[str]:
+        if self.remote_url:
+            return ["remote"]
         return [v for v in VARIANTS if self.artifacts.meta(v) is not None]
 
     def model(self, variant: str):
@@ -112,8 +118,11 @@ class Engine:
         if len(question) > MAX_MESSAGE_CHARS:
             raise MessageTooLong(f"the message has {len(question)} characters; the limit is "
                                  f"{MAX_MESSAGE_CHARS}. Shorten it or split it into questions.")
-        model, tokenizer = self.model(variant)
         passages = self.retriever.search(retrieval_query(question, history)) if use_retrieval else []
+        if self.remote_url:
+            history = fit_history(history, lambda text: len(text) // 4, 1024)
+            return build_messages(question, passages, history), passages, None, None
+        model, tokenizer = self.model(variant)
         window = int(getattr(model.config, "max_position_embeddings", 2048))
         budget = min(window, 4096) // 2  # half the window for history, the rest for passages
 
@@ -133,7 +142,35 @@ class Engine:
         settings = settings or GenerationSettings()
         messages, passages, tokenizer, model = self.prepare(question, history, variant, use_retrieval)
         with self._slots:
-            yield from self._generate(messages, passages, tokenizer, model, variant, settings)
+            replies = (self._generate_remote(messages, passages, variant, settings) if self.remote_url
+                       else self._generate(messages, passages, tokenizer, model, variant, settings))
+            for reply in replies:
+                reply.messages = messages
+                yield reply
+
+    def _generate_remote(self, messages, passages, variant, settings):
+        """Stream from an OpenAI-compatible server (vLLM, llama.cpp's server, ...)."""
+        import json
+
+        import httpx
+
+        body = {"model": self.remote_model or variant, "messages": messages, "stream": True,
+                "temperature": settings.temperature, "top_p": settings.top_p,
+                "max_tokens": settings.max_new_tokens}
+        text = ""
+        try:
+            with httpx.stream("POST", f"{self.remote_url}/v1/chat/completions", json=body, timeout=120) as response:
+                response.raise_for_status()
+                for line in response.iter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    delta = json.loads(line[6:])["choices"][0].get("delta", {}).get("content") or ""
+                    if delta:
+                        text += delta
+                        yield Reply(text, passages, variant)
+        except httpx.HTTPError as err:
+            raise UserError(f"the remote server {self.remote_url} failed: {err}") from None
+        yield Reply(text, passages, variant, 0, len(text.split()))
 
     def _generate(self, messages, passages, tokenizer, model, variant, settings):
         import torch

@@ -27,8 +27,10 @@ def _free_port() -> int:
 def server(served_artifacts, tmp_path_factory):
     port = _free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
+    work = tmp_path_factory.mktemp("server-work")
     command = [sys.executable, "-m", "service", "--no-build", "--port", str(port), "--profile", "tiny",
-               f"paths.artifacts={served_artifacts}"]
+               "--feedback-db", str(work / "feedback.sqlite"), f"paths.artifacts={served_artifacts}",
+               f"paths.docs={served_artifacts.parent / 'docs'}"]
     with open(log, "w") as out:
         process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT,
                                    env=dict(os.environ, HF_HUB_OFFLINE="1"))
@@ -47,7 +49,11 @@ def server(served_artifacts, tmp_path_factory):
         pytest.fail(f"server did not start:\n{log.read_text()}")
     yield url
     process.terminate()
-    process.wait(timeout=20)
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def test_no_build_names_what_is_missing(tmp_path):
@@ -108,12 +114,27 @@ def test_gradio_api_through_gradio_client(server):
     from gradio_client import Client
 
     client = Client(server + "/", verbose=False)
-    chat, sources, cleared = client.predict(
+    chat, sources, cleared = client.predict(  # gr.State inputs and outputs are not part of the API
         "Who proposed Adam?", [], "base", True, 0.0, 0.9, 16, 1.1, api_name="/chat")
     question = chat[-2]["content"]
     question = question if isinstance(question, str) else question[0]["text"]
     assert question == "Who proposed Adam?" and chat[-1]["role"] == "assistant"
     assert "[1] Adam" in sources and "adam.md" in sources and cleared == ""
+
+
+def test_upload_through_the_ui_api_is_searchable(server, tmp_path):
+    from gradio_client import Client, handle_file
+
+    note = tmp_path / "lion notes.md"
+    note.write_text("# Lion\n\nThe Lion optimizer was found by program search in 2023 and tracks only momentum.\n")
+    client = Client(server + "/", verbose=False)
+    listing, status = client.predict([handle_file(str(note))], api_name="/upload")
+    assert "lion_notes.md" in listing and "added" in status
+    body = httpx.post(f"{server}/v1/chat/completions", timeout=60, json={
+        "max_tokens": 4, "messages": [{"role": "user", "content": "What did program search find in 2023?"}]}).json()
+    assert body["sources"][0]["doc_id"] == "uploads/lion_notes.md"
+    listing, status = client.predict("lion_notes.md", api_name="/remove_document")
+    assert "removed" in status and "lion_notes.md" not in listing
 
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -134,7 +155,8 @@ def test_chat_in_a_real_browser(server, tmp_path):
             "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
             "--disable-background-networking", "--disable-component-update", "--disable-sync"])
         page = browser.new_page(viewport={"width": 1280, "height": 900})
-        page.goto(server + "/", wait_until="networkidle")
+        page.goto(server + "/", wait_until="load", timeout=60_000)
+        page.locator("#message textarea").wait_for(timeout=60_000)
         page.locator("#message textarea").fill("Who proposed Adam?")
         page.locator("#send").click()
         page.locator("#chatbot").get_by_text("Who proposed Adam?").wait_for(timeout=60_000)

@@ -1,0 +1,100 @@
+"""The service's document library: uploads (size-limited, sanitised names) indexed incrementally.
+
+Uploads live in ``<work>/uploads/``. The served index is rebuilt in ``<work>/index/`` from the
+original documents plus the uploads; embeddings are reused by chunk id from the previous build
+(the first time, from the index being served), so an upload costs only its own chunks.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from pipeline.errors import UserError
+from pipeline.retrieval.ingest import SUPPORTED, IngestReport, read_file
+
+MAX_UPLOAD_BYTES = 10 * 2**20
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe_name(filename: str) -> str:
+    """A plain file name: no folders, no leading dots, only [A-Za-z0-9._-], a supported type."""
+    name = _UNSAFE.sub("_", Path(filename.replace("\\", "/")).name).lstrip("._")
+    if not name or Path(name).suffix.lower() not in SUPPORTED:
+        raise UserError(f"'{filename}': unsupported file; upload one of {', '.join(sorted(SUPPORTED))}")
+    return name
+
+
+class Library:
+    def __init__(self, docs_dir: Path | None, served_index: Path, work_dir: Path, index_settings,
+                 max_bytes: int = MAX_UPLOAD_BYTES):
+        self.docs_dir = Path(docs_dir) if docs_dir else None
+        self.served_index = Path(served_index)
+        self.uploads = Path(work_dir) / "uploads"
+        self.index_dir = Path(work_dir) / "index"
+        self.settings = index_settings
+        self.max_bytes = max_bytes
+        self.uploads.mkdir(parents=True, exist_ok=True)
+
+    def documents(self) -> list[dict]:
+        return [{"name": p.name, "kilobytes": round(p.stat().st_size / 1024, 1)}
+                for p in sorted(self.uploads.iterdir()) if p.is_file()]
+
+    def add(self, filename: str, data: bytes) -> Path:
+        name = safe_name(filename)
+        if len(data) > self.max_bytes:
+            raise UserError(f"'{name}' is {len(data) / 2**20:.1f} MB; the limit is {self.max_bytes / 2**20:.0f} MB")
+        target = (self.uploads / name).resolve()
+        if target.parent != self.uploads.resolve():
+            raise UserError(f"'{filename}' would be written outside the documents folder")
+        target.write_bytes(data)
+        try:
+            readable = [d for d in read_file(target, self.uploads, IngestReport()) if d.text.strip()]
+        except Exception as err:  # pypdf, bs4 and json raise their own types
+            readable, reason = [], str(err)
+        else:
+            reason = "it holds no text"
+        if not readable:
+            target.unlink()  # an unreadable upload must not stay in the library
+            raise UserError(f"'{name}' cannot be indexed: {reason}")
+        return self.rebuild()
+
+    def remove(self, name: str) -> Path:
+        target = (self.uploads / safe_name(name)).resolve()
+        if target.parent != self.uploads.resolve() or not target.exists():
+            raise UserError(f"no uploaded document named '{name}'")
+        target.unlink()
+        return self.rebuild()
+
+    def rebuild(self) -> Path:
+        """Index documents + uploads into ``index_dir`` (atomically) and return it."""
+        from pipeline.artifacts import Artifacts
+        from pipeline.retrieval.embedder import Embedder
+        from pipeline.retrieval.store import build_index
+
+        previous = self.index_dir if (self.index_dir / "manifest.json").exists() else self.served_index
+        with tempfile.TemporaryDirectory(prefix="alignrag-library-") as view:
+            view = Path(view)
+            if self.docs_dir:
+                for path in self.docs_dir.rglob("*"):
+                    if path.is_file():
+                        link = view / path.relative_to(self.docs_dir)
+                        link.parent.mkdir(parents=True, exist_ok=True)
+                        link.symlink_to(path.resolve())
+            if any(self.uploads.iterdir()):
+                (view / "uploads").symlink_to(self.uploads.resolve(), target_is_directory=True)
+            embedder = Embedder(self.settings.embedder, self.settings.batch_size)
+            with Artifacts(self.index_dir.parent).publish(self.index_dir.name) as staging:
+                build_index(_follow(view), staging, self.settings, embedder, previous)
+        return self.index_dir
+
+
+def _follow(view: Path) -> Path:
+    """``rglob`` does not descend into symlinked folders: materialise the uploads link."""
+    link = view / "uploads"
+    if link.is_symlink():
+        target = link.resolve()
+        link.unlink()
+        shutil.copytree(target, link)
+    return view

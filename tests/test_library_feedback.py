@@ -1,0 +1,76 @@
+"""Uploads (names, limits, incremental indexing) and chat feedback -> preference pairs."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import SMALL_DOCS
+from pipeline.data.feedback import FeedbackStore, export_pairs
+from pipeline.errors import UserError
+from pipeline.retrieval.settings import IndexSettings
+from service.library import Library, safe_name
+
+
+def test_safe_names():
+    assert safe_name("../../etc/passwd.md") == "passwd.md"
+    assert safe_name("C:\\\\Users\\\\me\\\\my notes (v2).txt") == "my_notes_v2_.txt"
+    assert safe_name(".hidden.md") == "hidden.md"
+    for bad in ("run.exe", "noextension", "..", ""):
+        with pytest.raises(UserError, match="unsupported file"):
+            safe_name(bad)
+
+
+@pytest.fixture
+def library(tmp_path):
+    from pipeline.retrieval.embedder import Embedder
+    from pipeline.retrieval.store import build_index
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for name, text in SMALL_DOCS.items():
+        (docs / name).write_text(text)
+    settings = IndexSettings()
+    build_index(docs, tmp_path / "served", settings, Embedder())
+    return Library(docs, tmp_path / "served", tmp_path / "work", settings, max_bytes=2000)
+
+
+def test_upload_is_indexed_incrementally_and_removable(library):
+    from pipeline.retrieval.retriever import Retriever
+
+    index = library.add("lion.md", b"# Lion\n\nThe Lion optimizer tracks only momentum.\n")
+    manifest = json.loads((index / "manifest.json").read_text())
+    assert manifest["documents"] == 3 and manifest["embedded"] == 1, "only the new chunk is embedded"
+    assert Retriever(index).search("Lion optimizer momentum", k=1)[0].doc_id == "uploads/lion.md"
+    assert library.documents() == [{"name": "lion.md", "kilobytes": 0.0}]
+    index = library.remove("lion.md")
+    assert json.loads((index / "manifest.json").read_text())["documents"] == 2
+    with pytest.raises(UserError, match="no uploaded document"):
+        library.remove("lion.md")
+
+
+def test_upload_limits(library):
+    with pytest.raises(UserError, match="the limit is"):
+        library.add("big.md", b"x" * 3000)
+    with pytest.raises(UserError, match="unsupported"):
+        library.add("tool.sh", b"echo")
+    with pytest.raises(UserError, match="'empty.md' cannot be indexed: it holds no text"):
+        library.add("empty.md", b"   ")
+    with pytest.raises(UserError, match="'blob.md' cannot be indexed: binary file"):
+        library.add("blob.md", b"\x00\x01binary")
+    assert library.documents() == []
+
+
+def test_feedback_exports_preference_pairs(tmp_path):
+    store = FeedbackStore(tmp_path / "feedback.sqlite")
+    prompt = [{"role": "user", "content": "Who made Adam?"}]
+    store.record("sft", prompt, "Hinton [1].", -1, "Kingma and Ba [1].")
+    store.record("sft", prompt, "Kingma and Ba [2].", 1)
+    store.record("dpo", [{"role": "user", "content": "other"}], "fine", 1)
+    with pytest.raises(ValueError):
+        store.record("sft", prompt, "x", 0)
+    count = export_pairs(store, tmp_path / "prefs.jsonl")
+    rows = [json.loads(line) for line in (tmp_path / "prefs.jsonl").read_text().splitlines()]
+    assert count == 2 and len(rows) == 2
+    assert rows[0]["chosen"][0]["content"] == "Kingma and Ba [1]." and rows[0]["rejected"][0]["content"] == "Hinton [1]."
+    assert rows[1]["chosen"][0]["content"] == "Kingma and Ba [2]." and rows[1]["prompt"] == prompt
