@@ -165,9 +165,17 @@ def test_dpo_stage_trains_a_new_adapter_on_sft(workspace):
     root, config = workspace
     if not (root / "artifacts/sft/meta.json").exists():
         run_pipeline(config(), only="sft")
+    from pipeline.data.feedback import FeedbackStore, export_pairs
+
+    store = FeedbackStore(root / "feedback.sqlite")
+    store.record("sft", [{"role": "user", "content": "Who proposed Adam?"}], "Hinton.", -1, "Kingma and Ba [1].")
+    assert export_pairs(store, root / "feedback.jsonl") == 1
+    train_rows = len((root / "artifacts/dataset/prefs.jsonl").read_text().splitlines())
     metrics = run_pipeline(config("dpo.max_steps=2", "dpo.batch_size=1", "dpo.grad_accum=1",
-                                  "dpo.max_length=1500", "dpo.bf16=false"), only="dpo")["dpo"]
+                                  "dpo.max_length=1500", "dpo.bf16=false",
+                                  f"dpo.extra_prefs={root / 'feedback.jsonl'}"), only="dpo")["dpo"]
     assert metrics["adapter_chain"] == ["sft", "dpo"] and metrics["steps"] == 2
+    assert metrics["train_pairs"] == train_rows + 1, "exported chat feedback joins the DPO pairs"
     held_out = (root / "artifacts/dataset/prefs_val.jsonl").read_text().strip()
     if held_out:
         assert 0.0 <= metrics["held_out_accuracy"] <= 1.0

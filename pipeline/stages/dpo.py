@@ -5,6 +5,7 @@ Reads:  the `sft` artifact (merged into the weights: that model is both the star
 Writes: artifacts/dpo/adapter/ (a new LoRA on top of SFT), history.jsonl, curves.png (also
         in reports/), meta.json with held-out preference accuracy and reward margins.
 Alone:  python -m pipeline run --only dpo [dpo.beta=0.1 dpo.loss_type=ipo]
+        python -m pipeline run --only dpo dpo.extra_prefs=data/feedback/prefs.jsonl  (chat feedback)
 
 No second copy of the weights: the reference is the same model with the LoRA adapter
 disabled. Loss (Rafailov et al. 2023): -log sigmoid(beta * (log-ratio chosen - log-ratio rejected)).
@@ -35,10 +36,11 @@ class Config:
     activation_checkpointing: bool = False  # recompute activations: less memory, ~30% slower
     eval_rows: int = 0  # cap on held-out pairs evaluated (0 = all)
     logging_steps: int = 5
+    extra_prefs: str = ""  # more training pairs, e.g. chat feedback from `data export-feedback`
 
 
 def inputs(cfg) -> list[Path]:
-    return []
+    return [Path(cfg.dpo.extra_prefs)] if cfg.dpo.extra_prefs else []
 
 
 def run(config: Config, ctx) -> dict:
@@ -57,6 +59,13 @@ def run(config: Config, ctx) -> dict:
         return rows.remove_columns([c for c in ("id", "kind") if c in rows.column_names])
 
     train, held_out = pairs("prefs.jsonl"), pairs("prefs_val.jsonl")
+    if config.extra_prefs:
+        from datasets import concatenate_datasets
+
+        extra = load_dataset("json", data_files=config.extra_prefs, split="train")
+        extra = extra.remove_columns([c for c in ("id", "kind") if c in extra.column_names])
+        train = concatenate_datasets([train, extra])
+        ctx.log.info("added %d preference pairs from %s", len(extra), config.extra_prefs)
     if config.eval_rows:
         held_out = held_out.select(range(min(config.eval_rows, len(held_out))))
     args = DPOConfig(
