@@ -131,3 +131,20 @@ def test_ppo_raises_a_synthetic_reward_and_a_large_kl_coef_holds_the_policy():
     held_first, held_last, held_kls, _ = _run(kl_coef=5.0)
     assert statistics.fmean(held_kls[-6:]) < 2.0 < statistics.fmean(kls[-6:])
     assert held_last - held_first < last - first
+
+
+def test_logprobs_use_the_sampling_temperature():
+    """The rollout distribution is softmax(logits / T): PPO must score tokens under it."""
+    from pipeline.rl.trainer import ValueHead, forward
+
+    policy, _ = _tiny_policy()
+    ids = torch.randint(4, 90, (1, 12))
+    mask = torch.ones_like(ids)
+    head = ValueHead(policy.config.hidden_size)
+    with torch.no_grad():
+        logits = policy(input_ids=ids).logits[:, 5:-1].float()
+        at_half, _, _ = forward(policy, head, ids, mask, prompt_len=6, temperature=0.5)
+        plain, _, _ = forward(policy, head, ids, mask, prompt_len=6)
+    expected = torch.log_softmax(logits / 0.5, -1).gather(-1, ids[:, 6:].unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(at_half, expected)
+    assert not torch.allclose(at_half, plain)

@@ -43,7 +43,7 @@ class PPOSettings:
     kl_coef: float = 0.05  # initial (or fixed) KL coefficient beta
     adaptive_kl: bool = True  # Ziegler et al. 2019 controller towards target_kl
     target_kl: float = 1.0  # target KL per response, in nats
-    kl_horizon: int = 1000  # controller horizon, in rollouts
+    kl_horizon: int = 100  # controller horizon, in rollouts (short runs need a short one)
     gamma: float = 1.0  # discount
     lam: float = 0.95  # GAE lambda
     clip_range: float = 0.2  # policy ratio clip
@@ -79,12 +79,18 @@ class ValueHead(nn.Module):
         return self.linear(hidden.float()).squeeze(-1)
 
 
-def forward(model, value_head, input_ids, attention_mask, prompt_len: int, with_values: bool = True):
-    """(log-probs of the response tokens, values, entropies), each (B, T)."""
+def forward(model, value_head, input_ids, attention_mask, prompt_len: int, with_values: bool = True,
+            temperature: float = 1.0):
+    """(log-probs of the response tokens, values, entropies), each (B, T).
+
+    Logits are divided by the sampling temperature, so the log-probabilities are those of the
+    distribution the rollouts were drawn from; otherwise PPO's importance ratios and the policy
+    gradient refer to a different policy, and entropy collapses.
+    """
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                 output_hidden_states=with_values)
-    logits = out.logits[:, prompt_len - 1:-1].float()
+    logits = out.logits[:, prompt_len - 1:-1].float() / temperature
     targets = input_ids[:, prompt_len:]
     logprobs = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     values = value_head(out.hidden_states[-1][:, prompt_len - 1:-1]) if with_values else None
@@ -118,9 +124,11 @@ def sample(model, tokenizer, prompts: list[list[dict]], lengths: list[int], sett
 def make_trajectory(model, value_head, input_ids, attention_mask, mask, prompt_len, scores,
                     kl_coef: float, settings: PPOSettings):
     with torch.no_grad():
-        old_logprobs, old_values, entropy = forward(model, value_head, input_ids, attention_mask, prompt_len)
+        t = settings.temperature
+        old_logprobs, old_values, entropy = forward(model, value_head, input_ids, attention_mask, prompt_len,
+                                                    temperature=t)
         with model.disable_adapter():
-            ref_logprobs, _, _ = forward(model, value_head, input_ids, attention_mask, prompt_len, False)
+            ref_logprobs, _, _ = forward(model, value_head, input_ids, attention_mask, prompt_len, False, t)
     kl = kl_penalty(old_logprobs, ref_logprobs, settings.kl_estimator) * mask
     rewards = per_token_rewards(torch.tensor(scores, dtype=torch.float), kl, mask, kl_coef)
     advantages, returns = gae(rewards, old_values, mask, settings.gamma, settings.lam)
@@ -146,7 +154,8 @@ def update(model, value_head, optimizer, trajectory: Trajectory, prompt_len: int
         for start in range(0, n, settings.minibatch_size):
             idx = torch.tensor(order[start:start + settings.minibatch_size])
             part = Trajectory(*(t[idx] for t in trajectory))
-            logprobs, values, _ = forward(model, value_head, part.input_ids, part.attention_mask, prompt_len)
+            logprobs, values, _ = forward(model, value_head, part.input_ids, part.attention_mask, prompt_len,
+                                          temperature=settings.temperature)
             policy_loss, clip_fraction, approx_kl = clipped_policy_loss(
                 logprobs, part.old_logprobs, part.advantages, part.mask, settings.clip_range)
             value_loss = clipped_value_loss(values, part.old_values, part.returns, part.mask,
@@ -196,7 +205,8 @@ def train(model, tokenizer, prompts: list[list[dict]], reward_fn: RewardFn, sett
         stats.update(update(model, value_head, optimizer, trajectory, prompt_len, settings, rng, backward))
         controller.update(stats["kl"], settings.batch_size)
         with torch.no_grad():
-            _, values, _ = forward(model, value_head, input_ids, attention_mask, prompt_len)
+            _, values, _ = forward(model, value_head, input_ids, attention_mask, prompt_len,
+                                   temperature=settings.temperature)
         row = {"step": step, "reward_mean": statistics.fmean(scores),
                "reward_std": statistics.pstdev(scores), "kl_coef": kl_coef,
                "response_length": float(mask.sum(1).mean()),
