@@ -41,4 +41,4 @@ def run(quick: bool, out_dir: Path) -> dict:
         ax.arrow(0, 0, wx / 3, wy / 3, width=0.03, color=f"C{k}")
     ax.set_title("softmax regression: weight vectors and argmax regions")
     save(fig, out_dir, "softmax_regions.png")
-    return {"test_accuracy": round(test_acc, 4), "final_train_loss": round(float(loss), 4)}
+    return {"test_accuracy": round(test_acc, 4), "final_train_loss": round(float(loss.detach()), 4)}
