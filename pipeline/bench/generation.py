@@ -15,7 +15,8 @@ def rag_prompt(retriever, tokenizer, target_tokens: int = 600) -> list[dict]:
     passages = retriever.search(question, k=12)
     for k in range(1, len(passages) + 1):
         messages = build_messages(question, passages[:k])
-        size = len(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        size = len(tokenizer(text, add_special_tokens=False)["input_ids"])
         if size >= target_tokens:
             break
     return messages

@@ -79,8 +79,8 @@ def index_latency(centres: np.ndarray, query_vectors: np.ndarray, sizes: list[in
     rng = np.random.default_rng(0)
     rows = []
     for n in sizes:
-        vectors = synthetic_vectors(centres, n, noise=0.35, rng=rng)
-        queries = synthetic_vectors(query_vectors, 200, noise=0.2, rng=rng)
+        vectors = synthetic_vectors(centres, n, noise=0.05, rng=rng)
+        queries = synthetic_vectors(query_vectors, 200, noise=0.05, rng=rng)
         kinds = [("flat", lambda d: faiss.IndexFlatIP(d))]
         lists = int(4 * np.sqrt(n))
         kinds.append((f"ivf{lists}, nprobe 16", lambda d: faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, lists,
