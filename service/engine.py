@@ -44,27 +44,13 @@ class Reply:
     messages: list = field(default_factory=list)  # the exact prompt the model answered
 
 
-def adapter_chain(artifacts: Artifacts, variant: str) -> list[Path]:
-    """Adapter folders to merge onto the base weights, in order (e.g. sft, then dpo)."""
-    meta = artifacts.meta(variant)
-    if meta is None:
-        raise UserError(f"variant '{variant}' is not built; run: python -m pipeline run --only {variant}")
-    return [artifacts.dir(stage) / "adapter" for stage in meta["metrics"].get("adapter_chain", [])]
-
-
 def load_variant(artifacts: Artifacts, variant: str):
     """(model, tokenizer) with every LoRA adapter of the variant merged in, for fast decoding."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from pipeline.training import chain_of, load_causal_lm
 
-    base_dir = artifacts.require("base")
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    if variant != "base":
-        from peft import PeftModel
-
-        for adapter in adapter_chain(artifacts, variant):
-            model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    if variant != "base" and artifacts.meta(variant) is None:
+        raise UserError(f"variant '{variant}' is not built; run: python -m pipeline run --only {variant}")
+    model, tokenizer = load_causal_lm(artifacts, chain_of(artifacts, variant) if variant != "base" else [])
     return model.eval(), tokenizer
 
 
