@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_profile(evaluate)
 
     retrieval_eval = commands.add_parser("retrieval-eval", help="recall/MRR/nDCG on data/qa/eval.jsonl")
+    retrieval_eval.add_argument("--tune", action="store_true",
+                                help="rank hybrid fusion settings on the training questions instead")
     _add_profile(retrieval_eval)
 
     data = commands.add_parser("data", help="data tools: check, export-feedback")
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "retrieval-eval":
             from pipeline.evaluation.custom import run_retrieval_eval
 
-            run_retrieval_eval(cfg)
+            run_retrieval_eval(cfg, tune=args.tune)
         elif args.command == "data" and args.data_command == "check":
             from pipeline.data.records import check
 

@@ -31,7 +31,7 @@ QA = [
 SHORT = ["sft.max_steps=2", "sft.batch_size=2", "sft.grad_accum=1", "sft.max_length=256",
          "sft.learning_rate=0.01", "sft.bf16=false", "sft.logging_steps=1",
          "dataset.on_policy_negatives=2", "dataset.on_policy_max_new_tokens=4",
-         "dataset.validation_share=0.3", "retrieval.top_k=2"]
+         "dataset.validation_share=0.3", "dataset.max_refusal_share=0", "retrieval.top_k=2"]
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +70,18 @@ def test_dataset_builds_grounded_sets(workspace):
     assert all(p["chosen"] != p["rejected"] for p in prefs)
     meta = json.loads((folder / "meta.json").read_text())["metrics"]
     assert meta["records"] == len(QA) and sum(meta["rejection_kinds"].values()) == meta["prefs_rows"] + meta["prefs_val_rows"]
+
+
+def test_refusal_cap_keeps_answers_and_bounds_the_share():
+    import random
+
+    from pipeline.prompt import REFUSAL
+    from pipeline.stages.dataset import cap_refusals
+
+    rows = [{"completion": [{"content": REFUSAL}]}] * 10 + [{"completion": [{"content": f"a{i}"}]} for i in range(8)]
+    assert cap_refusals(rows, 0.2, random.Random(0)) == 8  # 2 refusals left: 2 / (2 + 8) = 0.2
+    assert len(rows) == 10 and sum(r["completion"][0]["content"] == REFUSAL for r in rows) == 2
+    assert cap_refusals(rows, 0.0, random.Random(0)) == 0 and len(rows) == 10
 
 
 def test_sft_moves_only_the_lora_weights(workspace):

@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline.errors import UserError
 from pipeline.retrieval.chunking import chunk_documents, make_splitter
 from pipeline.retrieval.ingest import EmptyCorpus, load_documents
-from pipeline.retrieval.retriever import Retriever, mmr, rrf_fuse
+from pipeline.retrieval.retriever import Retriever, fuse, mmr, rrf_fuse, score_fuse
 from pipeline.retrieval.settings import IndexSettings, RetrievalSettings
 from pipeline.retrieval.store import IndexCorrupt, build_index
 
@@ -180,6 +181,16 @@ def test_rrf_and_mmr_by_hand():
     vectors = np.array([[1, 0], [1, 0], [0, 1]], dtype=np.float32)
     assert [i for i, _ in mmr([(0, 3.0), (1, 2.0), (2, 1.0)], vectors, 2, lam=0.3)] == [0, 2]
     assert [i for i, _ in mmr([(0, 3.0), (1, 2.0), (2, 1.0)], vectors, 2, lam=1.0)] == [0, 1]
+
+
+def test_score_fusion_by_hand():
+    # dense scores 0.9/0.5/0.1 normalise to 1/0.5/0; BM25 12/2 to 1/0
+    fused = dict(score_fuse([[(10, 0.9), (20, 0.5), (30, 0.1)], [(20, 12.0), (40, 2.0)]], [0.4, 0.6]))
+    assert fused[20] == pytest.approx(0.4 * 0.5 + 0.6 * 1.0)
+    assert fused[10] == pytest.approx(0.4) and fused[30] == 0.0 and fused[40] == 0.0
+    assert score_fuse([[(7, 3.0)], []], [1.0, 1.0]) == [(7, 1.0)]  # one hit: no spread, still ranked
+    with pytest.raises(UserError, match="retrieval.fusion"):
+        fuse([(1, 1.0)], [], RetrievalSettings(fusion="max"))
 
 
 def test_cli_index_search_and_trec_run(docs, tmp_path, capsys):

@@ -39,13 +39,20 @@ def run_eval_command(cfg, docs: str | None, qa: str | None, out: str) -> None:
     print(f"report: {out_dir / 'eval.md'}")
 
 
-def run_retrieval_eval(cfg) -> None:
+def run_retrieval_eval(cfg, tune: bool = False) -> None:
     from pipeline.data.records import load_split
     from pipeline.evaluation.retrieval_eval import evaluate_retrieval, write_retrieval_report
     from pipeline.retrieval.retriever import Retriever
 
     artifacts = Artifacts(cfg.paths.resolve("artifacts"))
     retriever = Retriever(artifacts.require("index"), cfg.retrieval)
+    if tune:
+        from pipeline.evaluation.fusion_tuning import tune_fusion
+
+        print("nDCG@10 on the training questions (set the best with retrieval.<key>=<value>):")
+        for ndcg, overrides in tune_fusion(retriever, load_split(cfg.paths.resolve("qa"), "train")):
+            print(f"  {ndcg:.4f}  " + " ".join(f"retrieval.{k}={v}" for k, v in overrides.items()))
+        return
     report = evaluate_retrieval(retriever, load_split(cfg.paths.resolve("qa"), "eval"))
     write_retrieval_report(report, cfg.paths.resolve("reports"))
     print((cfg.paths.resolve("reports") / "retrieval.md").read_text())

@@ -1,4 +1,4 @@
-"""``Retriever.search(query, k) -> list[Passage]``: dense, BM25 or hybrid (RRF), optional MMR.
+"""``Retriever.search(query, k) -> list[Passage]``: dense, BM25 or hybrid (fused), optional MMR.
 
 The dataset stage, eval and the service all retrieve through this class, with the
 ``retrieval`` config section, so training sees the passages serving will show.
@@ -15,6 +15,7 @@ from pipeline.retrieval.settings import RetrievalSettings
 from pipeline.retrieval.store import bm25_tokenize, load_parts
 
 MODES = ("dense", "bm25", "hybrid")
+FUSIONS = ("score", "rrf")
 
 
 @dataclass
@@ -25,7 +26,7 @@ class Passage:
     title: str
     headers: str  # header path, "Title > Section"
     text: str
-    score: float  # dense: cosine; bm25: BM25; hybrid: fused reciprocal-rank score
+    score: float  # dense: cosine; bm25: BM25; hybrid: the fused score
 
 
 def rrf_fuse(rankings: list[list[int]], weights: list[float], rrf_k: int) -> list[tuple[int, float]]:
@@ -35,6 +36,34 @@ def rrf_fuse(rankings: list[list[int]], weights: list[float], rrf_k: int) -> lis
         for rank, item in enumerate(ranking, 1):
             scores[item] = scores.get(item, 0.0) + weight / (rrf_k + rank)
     return sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))
+
+
+def score_fuse(rankings: list[list[tuple[int, float]]], weights: list[float]) -> list[tuple[int, float]]:
+    """Weighted sum of min-max normalised scores; an item missing from a ranking adds 0 there.
+
+    Each ranking's best hit maps to 1 and its last candidate to 0, so BM25's unbounded scores
+    and cosine similarities share one scale (the "convex combination" of Bruch et al. 2023).
+    """
+    scores: dict[int, float] = {}
+    for ranking, weight in zip(rankings, weights):
+        if not ranking:
+            continue
+        values = [s for _, s in ranking]
+        low, spread = min(values), max(values) - min(values)
+        for item, value in ranking:
+            norm = (value - low) / spread if spread > 0 else 1.0
+            scores[item] = scores.get(item, 0.0) + weight * norm
+    return sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))
+
+
+def fuse(dense: list[tuple[int, float]], sparse: list[tuple[int, float]],
+         settings: RetrievalSettings) -> list[tuple[int, float]]:
+    weights = [settings.dense_weight, settings.bm25_weight]
+    if settings.fusion == "score":
+        return score_fuse([dense, sparse], weights)
+    if settings.fusion == "rrf":
+        return rrf_fuse([[i for i, _ in dense], [i for i, _ in sparse]], weights, settings.rrf_k)
+    raise UserError(f"retrieval.fusion must be one of {FUSIONS}, not '{settings.fusion}'")
 
 
 def mmr(candidates: list[tuple[int, float]], vectors: np.ndarray, k: int,
@@ -103,9 +132,7 @@ class Retriever:
         elif mode == "bm25":
             ranked = self.bm25_ranking(query, n)
         else:
-            dense, sparse = self.dense_ranking(query, n), self.bm25_ranking(query, n)
-            ranked = rrf_fuse([[i for i, _ in dense], [i for i, _ in sparse]],
-                              [settings.dense_weight, settings.bm25_weight], settings.rrf_k)
+            ranked = fuse(self.dense_ranking(query, n), self.bm25_ranking(query, n), settings)
         if settings.mmr_lambda > 0:
             ranked = mmr(ranked[:n], self.embeddings, k, settings.mmr_lambda)
         return [self._passage(i, s) for i, s in ranked[:k]]
