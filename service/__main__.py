@@ -19,6 +19,8 @@ from pipeline.artifacts import Artifacts, inputs_digest
 from pipeline.config import REPO_ROOT, load_config
 from pipeline.data.feedback import FeedbackStore
 from pipeline.errors import UserError
+from pipeline.numeric import NUMERIC_PATHS
+from service.engine import DEFAULT_NUMERIC
 
 NEEDED = ("base", "index")
 
@@ -69,6 +71,8 @@ def main(argv=None) -> int:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--index", help="serve an index built by `python -m pipeline index`")
     source.add_argument("--docs", help="index this folder on the fly (cached by content)")
+    parser.add_argument("--numeric", default=DEFAULT_NUMERIC, choices=NUMERIC_PATHS,
+                        help=f"weights for CPU decoding (default {DEFAULT_NUMERIC}: ~2x fp32's speed)")
     parser.add_argument("--no-build", action="store_true", help="never train; fail if artifacts are missing")
     parser.add_argument("--remote", metavar="URL", help="send generation to an OpenAI-compatible server")
     parser.add_argument("--remote-model", help="model name to ask the remote server for")
@@ -89,7 +93,7 @@ def main(argv=None) -> int:
         ensure_built(cfg, args.no_build, need_index=not (args.index or args.docs))
         index_dir = Path(args.index) if args.index else docs_cache(cfg, Path(args.docs)) if args.docs else None
         engine = Engine(cfg.paths.resolve("artifacts"), index_dir, cfg.retrieval,
-                        remote_url=args.remote, remote_model=args.remote_model)
+                        remote_url=args.remote, remote_model=args.remote_model, numeric=args.numeric)
         engine.retriever  # load now, so a corrupt index fails before the server starts
         library = make_library(cfg, args, engine)
         app = build_app(engine, args.variant, library, FeedbackStore(Path(args.feedback_db)))

@@ -4,14 +4,14 @@ from __future__ import annotations
 import pytest
 
 from pipeline.errors import UserError
-from service.engine import EMPTY_MESSAGE_REPLY, MAX_MESSAGE_CHARS, Engine, GenerationSettings, MessageTooLong
+from service.engine import EMPTY_MESSAGE_REPLY, MAX_MESSAGE_CHARS, Engine, GenerationSettings, MessageTooLong, Reply
 
 SHORT = GenerationSettings(max_new_tokens=12)
 
 
 @pytest.fixture(scope="module")
 def engine(served_artifacts):
-    return Engine(served_artifacts)
+    return Engine(served_artifacts, numeric="fp32")  # exact weights, so merging can be checked
 
 
 def test_stream_grows_and_ends_with_sources(engine):
@@ -55,6 +55,47 @@ def test_merged_adapter_equals_peft_model(served_artifacts, engine):
     ids = tokenizer("hello there", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, reference(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_int8_path_quantises_linear_layers_and_keeps_the_logits(served_artifacts, engine):
+    import torch
+
+    fast = Engine(served_artifacts, numeric="int8")
+    int8, tokenizer = fast.model("sft")
+    fp32, _ = engine.model("sft")
+    assert type(int8.model.layers[0].self_attn.q_proj).__name__ == "Linear"
+    assert int8.model.layers[0].self_attn.q_proj.__module__.startswith("torch.ao.nn.quantized")
+    ids = tokenizer("Adam was proposed by", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        a, b = int8(ids).logits.flatten(), fp32(ids).logits.flatten()
+    assert torch.corrcoef(torch.stack([a, b]))[0, 1] > 0.99 and not torch.equal(a, b)
+    reply = fast.answer("Who proposed Adam?", variant="sft", settings=SHORT)
+    assert reply.completion_tokens > 0 and reply.passages[0].doc_id == "adam.md"
+    with pytest.raises(UserError, match="numeric path must be one of"):
+        Engine(served_artifacts, numeric="fp8")
+
+
+def test_generation_is_bounded_and_queued(served_artifacts, monkeypatch):
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    bounded = Engine(served_artifacts, numeric="fp32", max_concurrent=1)
+    active, peak, lock = [0], [0], threading.Lock()
+
+    def slow_generate(self, messages, passages, tokenizer, model, variant, settings):
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(0.2)
+        with lock:
+            active[0] -= 1
+        yield Reply("done", passages, variant)
+
+    monkeypatch.setattr(Engine, "_generate", slow_generate)
+    with ThreadPoolExecutor(3) as pool:
+        texts = [r.text for r in pool.map(lambda q: bounded.answer(q), ["adam?", "dropout?", "adam beta?"])]
+    assert texts == ["done"] * 3 and peak[0] == 1
 
 
 def test_history_is_truncated_oldest_first(engine, monkeypatch):

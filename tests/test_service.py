@@ -110,6 +110,34 @@ def test_bad_requests_get_clear_errors_and_the_server_survives(server):
     assert httpx.get(f"{server}/v1/models").status_code == 200
 
 
+def test_concurrent_requests_queue_and_all_complete(server):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def ask(i):
+        return httpx.post(f"{server}/v1/chat/completions", timeout=120, json={
+            "max_tokens": 6, "messages": [{"role": "user", "content": f"What is dropout? ({i})"}]})
+
+    with ThreadPoolExecutor(4) as pool:
+        responses = list(pool.map(ask, range(4)))
+    assert [r.status_code for r in responses] == [200] * 4
+    assert all(r.json()["usage"]["completion_tokens"] > 0 for r in responses)
+
+
+def test_remote_backend_streams_from_an_openai_compatible_server(server, served_artifacts):
+    from pipeline.errors import UserError
+    from service.engine import Engine, GenerationSettings
+
+    remote = Engine(served_artifacts, remote_url=server, remote_model="sft")  # our own /v1 as the remote
+    assert remote.variants() == ["remote"]
+    replies = list(remote.stream("Who proposed Adam?", settings=GenerationSettings(max_new_tokens=10)))
+    texts = [r.text for r in replies]
+    assert len(replies) >= 3 and texts[-1] and all(b.startswith(a) for a, b in zip(texts, texts[1:]))
+    assert replies[-1].passages[0].doc_id == "adam.md"  # retrieval stays local
+    dead = Engine(served_artifacts, remote_url=f"http://127.0.0.1:{_free_port()}")
+    with pytest.raises(UserError, match="remote server http://127.0.0.1:.* failed"):
+        dead.answer("Who proposed Adam?")
+
+
 def test_gradio_api_through_gradio_client(server):
     from gradio_client import Client
 

@@ -1,6 +1,6 @@
 """Generation benchmarks: time to first token and decode tokens/s for a ~600-token RAG prompt,
-each numeric path against plain transformers fp32 in the same run; key-fact accuracy of the
-fastest path against fp32 on held-out questions (the quality cost)."""
+each numeric path against plain transformers fp32 in the same run. The quality cost of a path
+is measured by the eval stage (``eval.numeric_paths``), on every held-out question."""
 from __future__ import annotations
 
 import copy
@@ -24,13 +24,10 @@ def rag_prompt(retriever, tokenizer, target_tokens: int = 600) -> list[dict]:
 
 def numeric_paths(model):
     """name -> model, for each path measured; the first is the baseline."""
-    import torch
+    from pipeline.numeric import to_numeric_path
 
-    paths = {"fp32 (baseline)": model}
-    paths["bf16 weights"] = copy.deepcopy(model).to(torch.bfloat16)
-    paths["int8 dynamic (linear layers)"] = torch.ao.quantization.quantize_dynamic(
-        copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)
-    return paths
+    return {"fp32 (baseline)": model, "bf16 weights": to_numeric_path(copy.deepcopy(model), "bf16"),
+            "int8 dynamic (linear layers)": to_numeric_path(copy.deepcopy(model), "int8")}
 
 
 def time_generation(model, tokenizer, messages, new_tokens: int = 64, repeats: int = 3) -> dict:
@@ -52,14 +49,3 @@ def time_generation(model, tokenizer, messages, new_tokens: int = 64, repeats: i
     first, whole = statistics.median(ttft), statistics.median(total)
     return {"prompt_tokens": int(batch["input_ids"].shape[1]), "ttft_s": round(first, 3),
             "decode_tokens_per_s": round((new_tokens - 1) / max(1e-6, whole - first), 2)}
-
-
-def quality(model, tokenizer, records, retriever, max_new_tokens: int = 64) -> float:
-    from pipeline.evaluation.metrics import aggregate, score_answer
-    from pipeline.generation import generate_batch
-    from pipeline.prompt import build_messages, retrieval_query
-
-    passages = [retriever.search(retrieval_query(r.question, r.history)) for r in records]
-    prompts = [build_messages(r.question, p, r.history) for r, p in zip(records, passages)]
-    answers = generate_batch(model, tokenizer, prompts, max_new_tokens, desc="bench quality")
-    return aggregate([score_answer(a, r, p) for a, r, p in zip(answers, records, passages)])["key_fact_accuracy"]

@@ -6,6 +6,7 @@ then question in one user turn), so no gain is an artefact of a prompt it cannot
 """
 from __future__ import annotations
 
+import copy
 import logging
 import random
 import statistics
@@ -29,6 +30,10 @@ class EvalSettings:
     batch_size: int = 8
     perplexity_chunks: int = 24  # chunks of eval-only documents for held-out perplexity
     examples: int = 4  # questions shown side by side in reports/eval.md
+    # Faster numeric paths (pipeline/numeric.py) scored again, template + retrieval, for the
+    # quality cost of serving them: the service's --numeric choice rests on these rows.
+    numeric_paths: list[str] = field(default_factory=lambda: ["int8"])
+    numeric_path_variants: list[str] = field(default_factory=lambda: ["sft", "dpo", "ppo"])
 
 
 def select(records, n: int, seed: int):
@@ -49,6 +54,7 @@ class Run:
     variant: str
     layout: str  # "template" or "plain"
     retrieval: bool
+    numeric: str = "fp32"  # numeric path of the model (pipeline/numeric.py)
     answers: list[str] = field(default_factory=list)
     rows: list[dict] = field(default_factory=list)
     seconds_per_answer: float = 0.0
@@ -56,11 +62,12 @@ class Run:
 
     @property
     def name(self) -> str:
-        return f"{self.variant} / {self.layout} / {'rag' if self.retrieval else 'no-rag'}"
+        name = f"{self.variant} / {self.layout} / {'rag' if self.retrieval else 'no-rag'}"
+        return name if self.numeric == "fp32" else f"{name} / {self.numeric}"
 
 
 def evaluate(artifacts, records, retriever, settings: EvalSettings, perplexity_texts: list[str]) -> list[Run]:
-    from pipeline.generation import generate_batch
+    from pipeline.numeric import to_numeric_path
     from pipeline.scoring import answer_logprobs, text_perplexity
     from pipeline.training import chain_of, load_causal_lm
 
@@ -71,25 +78,23 @@ def evaluate(artifacts, records, retriever, settings: EvalSettings, perplexity_t
     for variant in built:
         model, tokenizer = load_causal_lm(artifacts, [] if variant == "base" else chain_of(artifacts, variant))
         model.eval()
-        configs = [("template", True)]
+        configs = [("template", True, "fp32")]
         if variant in settings.no_retrieval_variants:
-            configs.append(("template", False))
+            configs.append(("template", False, "fp32"))
         if variant == "base" and settings.plain_layout_for_base:
-            configs.append(("plain", True))
-        for layout, use_retrieval in configs:
-            run = Run(variant, layout, use_retrieval)
+            configs.append(("plain", True, "fp32"))
+        if variant in settings.numeric_path_variants:
+            configs += [("template", True, path) for path in settings.numeric_paths if path != "fp32"]
+        for layout, use_retrieval, numeric in configs:
+            run = Run(variant, layout, use_retrieval, numeric)
             prompts = []
             for record, found in zip(records, passages):
                 shown = found if use_retrieval else []
                 prompts.append(build_messages(record.question, shown, record.history) if layout == "template"
                                else build_plain_messages(record.question, shown))
-            started = time.time()
-            run.answers = generate_batch(model, tokenizer, prompts, settings.max_new_tokens,
-                                         settings.batch_size, desc=run.name)
-            run.seconds_per_answer = (time.time() - started) / max(1, len(records))
-            run.rows = [score_answer(a, r, p if use_retrieval else [])
-                        for a, r, p in zip(run.answers, records, passages)]
-            if layout == "template" and use_retrieval:
+            answer_model = model if numeric == "fp32" else to_numeric_path(copy.deepcopy(model), numeric)
+            answer_and_score(run, answer_model, tokenizer, prompts, records, passages, settings)
+            if layout == "template" and use_retrieval and numeric == "fp32":
                 run.extra["own_logprob"] = answer_logprobs(model, tokenizer, template_rag, run.answers)
                 run.extra["perplexity"] = text_perplexity(model, tokenizer, perplexity_texts)
             log.info("%s: %s", run.name, aggregate(run.rows))
@@ -108,6 +113,16 @@ def evaluate(artifacts, records, retriever, settings: EvalSettings, perplexity_t
     return runs
 
 
+def answer_and_score(run: Run, model, tokenizer, prompts, records, passages, settings: EvalSettings) -> None:
+    from pipeline.generation import generate_batch
+
+    started = time.time()
+    run.answers = generate_batch(model, tokenizer, prompts, settings.max_new_tokens,
+                                 settings.batch_size, desc=run.name)
+    run.seconds_per_answer = (time.time() - started) / max(1, len(records))
+    run.rows = [score_answer(a, r, p if run.retrieval else []) for a, r, p in zip(run.answers, records, passages)]
+
+
 def judge_with_reward_model(artifacts, runs: list[Run], template_rag) -> None:
     """Reward-model score of every answer (judged in the template layout), and win rate vs SFT."""
     from pipeline.scoring import reward_scores
@@ -117,7 +132,7 @@ def judge_with_reward_model(artifacts, runs: list[Run], template_rag) -> None:
     for run in runs:
         conversations = [p + [{"role": "assistant", "content": a}] for p, a in zip(template_rag, run.answers)]
         run.extra["reward_scores"] = reward_scores(scorer, tokenizer, conversations)
-    sft = {r.retrieval: r for r in runs if r.variant == "sft" and r.layout == "template"}
+    sft = {r.retrieval: r for r in runs if r.variant == "sft" and r.layout == "template" and r.numeric == "fp32"}
     for run in runs:
         reference = sft.get(run.retrieval)
         if reference is not None:

@@ -63,7 +63,9 @@ def run(config: Config, ctx) -> dict:
     metrics = {"questions": report["questions"],
                "retrieval_ndcg@10_hybrid": retrieval["modes"]["hybrid"]["ndcg@10"]}
     for summary in report["runs"]:
-        if summary["layout"] == "template" and summary["retrieval"]:
+        if summary["layout"] == "template" and summary["retrieval"] and summary["numeric"] == "fp32":
             metrics[f"{summary['variant']}_key_fact_accuracy"] = summary["key_fact_accuracy"]
             metrics[f"{summary['variant']}_abstention"] = summary["abstention_accuracy"]
+    for cost in report["fast_path_costs"]:
+        metrics[f"{cost['variant']}_{cost['numeric']}_key_fact_points"] = cost["key_fact_points"]
     return metrics
