@@ -82,6 +82,17 @@ def reward_model_from(causal_lm, num_labels: int = 1):
     return scorer
 
 
+def load_reward_model(artifacts):
+    """The reward stage's scorer: its base chain merged, then its LoRA + score head merged."""
+    from peft import PeftModel
+
+    reward_chain = (artifacts.meta("reward") or {}).get("metrics", {}).get("reward_chain", ["sft"])
+    causal, tokenizer = load_causal_lm(artifacts, reward_chain)
+    scorer = reward_model_from(causal)
+    scorer = PeftModel.from_pretrained(scorer, artifacts.require("reward") / "adapter").merge_and_unload()
+    return scorer.eval(), tokenizer
+
+
 def save_curves(log_history: list[dict], series: dict[str, str], path: Path, title: str) -> None:
     """Plot each logged key of ``series`` ({key: label}) against the step, one PNG."""
     import matplotlib

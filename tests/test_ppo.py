@@ -148,3 +148,25 @@ def test_logprobs_use_the_sampling_temperature():
     expected = torch.log_softmax(logits / 0.5, -1).gather(-1, ids[:, 6:].unsqueeze(-1)).squeeze(-1)
     torch.testing.assert_close(at_half, expected)
     assert not torch.allclose(at_half, plain)
+
+
+def test_ppo_runs_unchanged_under_several_processes(tmp_path):
+    """Two CPU processes under torchrun (the launcher `accelerate launch --multi_gpu` uses), DDP
+    over gloo: each draws its own rollouts, and the replicas stay identical after every step."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               str(Path(__file__).parent / "ppo_ddp_check.py"), str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                            env=dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
+    assert [r["processes"] for r in ranks] == [2, 2]
+    assert ranks[0]["sampled"] != ranks[1]["sampled"], "each process must draw its own rollouts"
+    assert ranks[0]["moved"] > 0
+    assert ranks[0]["weights"] == ranks[1]["weights"], "DDP must keep the replicas identical"
+    assert ranks[0]["kl_coef"] == ranks[1]["kl_coef"], "the KL controller must agree across processes"

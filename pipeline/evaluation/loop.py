@@ -126,7 +126,7 @@ def answer_and_score(run: Run, model, tokenizer, prompts, records, passages, set
 def judge_with_reward_model(artifacts, runs: list[Run], template_rag) -> None:
     """Reward-model score of every answer (judged in the template layout), and win rate vs SFT."""
     from pipeline.scoring import reward_scores
-    from pipeline.stages.ppo import load_reward_model
+    from pipeline.training import load_reward_model
 
     scorer, tokenizer = load_reward_model(artifacts)
     for run in runs:

@@ -141,9 +141,15 @@ def make_trajectory(model, value_head, input_ids, attention_mask, mask, prompt_l
 
 
 def update(model, value_head, optimizer, trajectory: Trajectory, prompt_len: int, settings: PPOSettings,
-           rng: random.Random, backward=None) -> dict:
-    """Several epochs of clipped PPO updates over minibatches; early stop when KL runs away."""
+           rng: random.Random, backward=None, mean_across=None) -> dict:
+    """Several epochs of clipped PPO updates over minibatches; early stop when KL runs away.
+
+    Under several processes ``model`` and ``value_head`` are the DDP-wrapped modules (so the
+    backward pass averages gradients) and ``mean_across`` averages a number over processes,
+    so every process takes the same early-stop decision.
+    """
     backward = backward or (lambda loss: loss.backward())
+    mean_across = mean_across or (lambda value: value)
     params = [p for p in model.parameters() if p.requires_grad] + list(value_head.parameters())
     n = trajectory.input_ids.shape[0]
     logs = {"policy_loss": [], "value_loss": [], "clip_fraction": [], "approx_kl": []}
@@ -167,7 +173,7 @@ def update(model, value_head, optimizer, trajectory: Trajectory, prompt_len: int
             for key, value in (("policy_loss", policy_loss.item()), ("value_loss", value_loss.item()),
                                ("clip_fraction", clip_fraction), ("approx_kl", approx_kl)):
                 logs[key].append(value)
-            if approx_kl > settings.early_stop_kl:
+            if mean_across(approx_kl) > settings.early_stop_kl:
                 stopped_early = True
                 break
         if stopped_early:
@@ -179,17 +185,27 @@ def update(model, value_head, optimizer, trajectory: Trajectory, prompt_len: int
 
 def train(model, tokenizer, prompts: list[list[dict]], reward_fn: RewardFn, settings: PPOSettings,
           accelerator=None) -> tuple[list[dict], ValueHead]:
-    """Run PPO; returns (per-step log, value head). ``model`` must be a PEFT model."""
-    rng = random.Random(settings.seed)
-    torch.manual_seed(settings.seed)
+    """Run PPO; returns (per-step log, value head). ``model`` must be a PEFT model.
+
+    With an ``accelerator`` over several processes (``accelerate launch``), each process
+    samples its own rollouts (its own seed), gradients are averaged by DDP, and the KL that
+    drives the controller is the mean over processes, so every process keeps the same kl_coef.
+    """
+    rank = accelerator.process_index if accelerator is not None else 0
+    rng = random.Random(settings.seed + rank)
+    torch.manual_seed(settings.seed + rank)
     model.eval()  # no dropout: rollout and update log-probs must agree
     value_head = ValueHead(model.config.hidden_size)
     params = [p for p in model.parameters() if p.requires_grad] + list(value_head.parameters())
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate)
-    backward = None
+    policy, head = model, value_head  # unwrapped: generate, adapter switching, no-grad passes
+    backward, mean_across = None, None
     if accelerator is not None:
         model, value_head, optimizer = accelerator.prepare(model, value_head, optimizer)
         backward = accelerator.backward
+
+        def mean_across(value: float) -> float:
+            return float(accelerator.reduce(torch.tensor(float(value), device=accelerator.device), reduction="mean"))
     controller = (AdaptiveKLController(settings.kl_coef, settings.target_kl, settings.kl_horizon)
                   if settings.adaptive_kl else FixedKLController(settings.kl_coef))
     lengths = LengthSampler(settings.response_min, settings.response_max, rng)
@@ -197,15 +213,18 @@ def train(model, tokenizer, prompts: list[list[dict]], reward_fn: RewardFn, sett
     for step in tqdm(range(settings.steps), desc="PPO", unit="step"):
         batch = [prompts[rng.randrange(len(prompts))] for _ in range(settings.batch_size)]
         input_ids, attention_mask, mask, prompt_len, texts = sample(
-            model, tokenizer, batch, [lengths() for _ in batch], settings)
+            policy, tokenizer, batch, [lengths() for _ in batch], settings)
         scores = reward_fn(batch, texts)
-        trajectory, stats = make_trajectory(model, value_head, input_ids, attention_mask, mask,
+        trajectory, stats = make_trajectory(policy, head, input_ids, attention_mask, mask,
                                             prompt_len, scores, controller.value, settings)
         kl_coef = controller.value
-        stats.update(update(model, value_head, optimizer, trajectory, prompt_len, settings, rng, backward))
+        stats.update(update(model, value_head, optimizer, trajectory, prompt_len, settings, rng, backward,
+                            mean_across))
+        if mean_across is not None:
+            stats["kl"] = mean_across(stats["kl"])
         controller.update(stats["kl"], settings.batch_size)
         with torch.no_grad():
-            _, values, _ = forward(model, value_head, input_ids, attention_mask, prompt_len,
+            _, values, _ = forward(policy, head, input_ids, attention_mask, prompt_len,
                                    temperature=settings.temperature)
         row = {"step": step, "reward_mean": statistics.fmean(scores),
                "reward_std": statistics.pstdev(scores), "kl_coef": kl_coef,
@@ -215,4 +234,4 @@ def train(model, tokenizer, prompts: list[list[dict]], reward_fn: RewardFn, sett
         log.info("step %d: reward %.3f +- %.3f, kl %.3f (coef %.4f), entropy %.2f, clip %.2f",
                  step, row["reward_mean"], row["reward_std"], row["kl"], kl_coef, row["entropy"],
                  row.get("clip_fraction", 0.0))
-    return history, value_head
+    return history, head

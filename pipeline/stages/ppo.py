@@ -37,19 +37,6 @@ def inputs(cfg) -> list[Path]:
     return []
 
 
-def load_reward_model(artifacts):
-    """The reward stage's scorer: its base chain merged, then its LoRA + score head merged."""
-    from peft import PeftModel
-
-    from pipeline.training import load_causal_lm, reward_model_from
-
-    reward_chain = (artifacts.meta("reward") or {}).get("metrics", {}).get("reward_chain", ["sft"])
-    causal, tokenizer = load_causal_lm(artifacts, reward_chain)
-    scorer = reward_model_from(causal)
-    scorer = PeftModel.from_pretrained(scorer, artifacts.require("reward") / "adapter").merge_and_unload()
-    return scorer.eval(), tokenizer
-
-
 def quarter_means(values: list[float]) -> tuple[float, float]:
     quarter = max(1, len(values) // 4)
     return statistics.fmean(values[:quarter]), statistics.fmean(values[-quarter:])
@@ -82,7 +69,7 @@ def run(config: Config, ctx) -> dict:
     from pipeline.generation import generate_batch
     from pipeline.rl.trainer import train
     from pipeline.scoring import reward_scores
-    from pipeline.training import chain_of, load_causal_lm, peft_config, write_history
+    from pipeline.training import chain_of, load_causal_lm, load_reward_model, peft_config, write_history
 
     data = ctx.parent("dataset")
     chain = chain_of(ctx.artifacts, "sft")
