@@ -83,3 +83,16 @@ def test_score_answer_and_aggregate_cover_unanswerable_and_empty():
     assert summary["citation_precision"] == 1.0 and summary["cited_share"] == pytest.approx(1 / 3, abs=1e-3)
     only_unanswerable = aggregate([abstained])
     assert only_unanswerable["key_fact_accuracy"] is None and only_unanswerable["abstention_accuracy"] == 1.0
+
+
+def test_extractive_baseline_copies_the_best_matching_sentence():
+    from types import SimpleNamespace
+
+    from pipeline.evaluation.baselines import extractive_answer
+
+    passage = SimpleNamespace(text="Dropout was proposed in 2014. The paper used p = 0.5 for hidden units. "
+                                   "It is simple.")
+    other = SimpleNamespace(text="Which rate did the paper use for hidden units? Not this one.")
+    answer = extractive_answer("Which dropout rate did the paper use for hidden units?", [passage, other])
+    assert answer == "The paper used p = 0.5 for hidden units. [1]"
+    assert extractive_answer("anything?", []) == "" and extractive_answer("x", [SimpleNamespace(text=" ")]) == ""

@@ -32,7 +32,8 @@ def test_tiny_profile_end_to_end(tmp_path):
     report = json.loads((tmp_path / "reports/eval.json").read_text())
     runs = {(r["variant"], r["layout"], r["retrieval"]) for r in report["runs"]}
     assert {("base", "template", True), ("base", "plain", True), ("sft", "template", True),
-            ("dpo", "template", True), ("ppo", "template", True), ("base", "template", False)} <= runs
+            ("dpo", "template", True), ("ppo", "template", True), ("base", "template", False),
+            ("extractive", "sentence", True)} <= runs
     assert all(r["key_fact_accuracy"] is not None for r in report["runs"])
     assert {(c["variant"], c["numeric"]) for c in report["fast_path_costs"]} == {
         ("sft", "int8"), ("dpo", "int8"), ("ppo", "int8")}

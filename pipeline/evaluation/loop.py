@@ -34,6 +34,7 @@ class EvalSettings:
     # quality cost of serving them: the service's --numeric choice rests on these rows.
     numeric_paths: list[str] = field(default_factory=lambda: ["int8"])
     numeric_path_variants: list[str] = field(default_factory=lambda: ["sft", "dpo", "ppo"])
+    extractive_baseline: bool = True  # also score "copy the best-matching sentence of passage 1"
 
 
 def select(records, n: int, seed: int):
@@ -75,6 +76,13 @@ def evaluate(artifacts, records, retriever, settings: EvalSettings, perplexity_t
     template_rag = [build_messages(r.question, p, r.history) for r, p in zip(records, passages)]
     runs: list[Run] = []
     built = [v for v in settings.variants if artifacts.meta(v) is not None]
+    if settings.extractive_baseline:
+        from pipeline.evaluation.baselines import extractive_answer
+
+        run = Run("extractive", "sentence", True)
+        run.answers = [extractive_answer(r.question, p) for r, p in zip(records, passages)]
+        run.rows = [score_answer(a, r, p) for a, r, p in zip(run.answers, records, passages)]
+        runs.append(run)
     for variant in built:
         model, tokenizer = load_causal_lm(artifacts, [] if variant == "base" else chain_of(artifacts, variant))
         model.eval()

@@ -57,7 +57,10 @@ def run(config: Config, ctx) -> dict:
     header = (f"# Evaluation on held-out questions ({cfg.profile} profile)\n\n"
               "Made by `python -m pipeline run --only eval` from data/qa/eval.jsonl; greedy decoding, "
               f"seed {cfg.seed}, top_k={cfg.retrieval.top_k} {cfg.retrieval.mode} retrieval. "
-              "Layout `template` is the project's prompt; `plain` is the base model's best plain layout.")
+              "Layout `template` is the project's prompt; `plain` is the base model's best plain layout; "
+              "`extractive / sentence` is no model at all: the sentence of passage [1] sharing most words "
+              "with the question (pipeline/evaluation/baselines.py). Rows marked `int8` serve the same "
+              "weights through int8 dynamic quantisation.")
     report = score(ctx.artifacts, records, retriever, config, [ctx.reports_dir, ctx.out_dir], header,
                    train_docs, cfg.seed)
     metrics = {"questions": report["questions"],
