@@ -17,7 +17,7 @@ def generate_batch(model, tokenizer, conversations: list[list[dict]], max_new_to
     for start in tqdm(range(0, len(conversations), batch_size), desc=desc, unit="batch"):
         chunk = conversations[start:start + batch_size]
         texts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in chunk]
-        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
         with torch.inference_mode():
             output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                     repetition_penalty=repetition_penalty,

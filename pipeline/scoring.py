@@ -10,7 +10,7 @@ def reward_scores(model, tokenizer, conversations: list[list[dict]], batch_size:
     for start in range(0, len(conversations), batch_size):
         texts = [tokenizer.apply_chat_template(c, tokenize=False)
                  for c in conversations[start:start + batch_size]]
-        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
         with torch.inference_mode():
             scores += model(**batch).logits[:, 0].float().tolist()
     return scores
@@ -39,6 +39,7 @@ def answer_logprobs(model, tokenizer, prompts: list[list[dict]], answers: list[s
             ids[i, :len(seq)] = torch.tensor(seq)
             attention[i, :len(seq)] = 1
             answer_mask[i, len(head_ids):len(seq)] = 1
+        ids, attention, answer_mask = ids.to(model.device), attention.to(model.device), answer_mask.to(model.device)
         with torch.inference_mode():
             logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
         logp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
@@ -54,7 +55,7 @@ def text_perplexity(model, tokenizer, texts: list[str], max_tokens: int = 256) -
 
     nll, count = 0.0, 0
     for text in texts:
-        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][:, :max_tokens]
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][:, :max_tokens].to(model.device)
         if ids.shape[1] < 2:
             continue
         with torch.inference_mode():

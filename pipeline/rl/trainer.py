@@ -101,7 +101,7 @@ def sample(model, tokenizer, prompts: list[list[dict]], lengths: list[int], sett
     """Sample responses; returns (input_ids, attention_mask, response mask, prompt_len, texts)."""
     tokenizer.padding_side = "left"
     texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
-    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     prompt_len = batch["input_ids"].shape[1]
     with torch.no_grad():
         output = model.generate(**batch, max_new_tokens=max(lengths), do_sample=True,
@@ -109,7 +109,7 @@ def sample(model, tokenizer, prompts: list[list[dict]], lengths: list[int], sett
                                 top_p=settings.top_p, repetition_penalty=settings.repetition_penalty,
                                 pad_token_id=tokenizer.pad_token_id)
     response = output[:, prompt_len:]
-    mask = torch.zeros(response.shape, dtype=torch.float)
+    mask = torch.zeros(response.shape, dtype=torch.float, device=response.device)
     for i, length in enumerate(lengths):
         ends = (response[i] == tokenizer.eos_token_id).nonzero()
         stop = min(length, int(ends[0]) + 1 if len(ends) else response.shape[1])
@@ -130,7 +130,7 @@ def make_trajectory(model, value_head, input_ids, attention_mask, mask, prompt_l
         with model.disable_adapter():
             ref_logprobs, _, _ = forward(model, value_head, input_ids, attention_mask, prompt_len, False, t)
     kl = kl_penalty(old_logprobs, ref_logprobs, settings.kl_estimator) * mask
-    rewards = per_token_rewards(torch.tensor(scores, dtype=torch.float), kl, mask, kl_coef)
+    rewards = per_token_rewards(torch.tensor(scores, dtype=torch.float, device=kl.device), kl, mask, kl_coef)
     advantages, returns = gae(rewards, old_values, mask, settings.gamma, settings.lam)
     if settings.whiten_advantages:
         advantages = whiten(advantages, mask)
@@ -158,7 +158,7 @@ def update(model, value_head, optimizer, trajectory: Trajectory, prompt_len: int
         order = list(range(n))
         rng.shuffle(order)
         for start in range(0, n, settings.minibatch_size):
-            idx = torch.tensor(order[start:start + settings.minibatch_size])
+            idx = torch.tensor(order[start:start + settings.minibatch_size], device=trajectory.input_ids.device)
             part = Trajectory(*(t[idx] for t in trajectory))
             logprobs, values, _ = forward(model, value_head, part.input_ids, part.attention_mask, prompt_len,
                                           temperature=settings.temperature)
@@ -195,7 +195,7 @@ def train(model, tokenizer, prompts: list[list[dict]], reward_fn: RewardFn, sett
     rng = random.Random(settings.seed + rank)
     torch.manual_seed(settings.seed + rank)
     model.eval()  # no dropout: rollout and update log-probs must agree
-    value_head = ValueHead(model.config.hidden_size)
+    value_head = ValueHead(model.config.hidden_size).to(model.device)
     params = [p for p in model.parameters() if p.requires_grad] + list(value_head.parameters())
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate)
     policy, head = model, value_head  # unwrapped: generate, adapter switching, no-grad passes
