@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     source.add_argument("--index", help="serve an index built by `python -m pipeline index`")
     source.add_argument("--docs", help="index this folder on the fly (cached by content)")
     parser.add_argument("--numeric", default=DEFAULT_NUMERIC, choices=NUMERIC_PATHS,
-                        help=f"weights for CPU decoding (default {DEFAULT_NUMERIC}: ~2x fp32's speed)")
+                        help=f"weights for CPU decoding (default {DEFAULT_NUMERIC}; costs of the others: reports/eval.md)")
     parser.add_argument("--no-build", action="store_true", help="never train; fail if artifacts are missing")
     parser.add_argument("--remote", metavar="URL", help="send generation to an OpenAI-compatible server")
     parser.add_argument("--remote-model", help="model name to ask the remote server for")

@@ -19,9 +19,10 @@ from pipeline.retrieval.settings import RetrievalSettings
 log = logging.getLogger("service.engine")
 VARIANTS = ("base", "sft", "ppo", "dpo")
 MAX_MESSAGE_CHARS = 4000
-# int8 dynamic quantisation decodes ~2x faster than fp32 on CPU; its key-fact cost on the
-# held-out questions is in reports/eval.md ("Fast numeric paths against fp32").
-DEFAULT_NUMERIC = "int8"
+# fp32 (merged LoRA) by default: the faster paths cost too much on held-out questions
+# (reports/eval.md, "Fast numeric paths against fp32": int8 -24 to -26 key-fact points,
+# bf16 -5.3 to +2.6). --numeric bf16 trades that for a ~1.5x faster first token.
+DEFAULT_NUMERIC = "fp32"
 EMPTY_MESSAGE_REPLY = "Please type a question, for example: What does the KL penalty in RLHF do?"
 
 

@@ -25,7 +25,7 @@ def test_evaluate_scores_every_row_and_the_int8_cost(served_artifacts, tmp_path)
     names = [run.name for run in runs]
     assert names == ["extractive / sentence / rag", "base / template / rag", "base / template / no-rag",
                      "base / plain / rag", "sft / template / rag", "sft / template / no-rag",
-                     "sft / template / rag / int8"]
+                     "sft / template / rag / bf16", "sft / template / rag / int8"]
     extractive = runs[0]
     assert extractive.answers[0] == "Adam was proposed by Diederik Kingma and Jimmy Ba in 2014. [1]"
     assert extractive.rows[0]["fact_hit"] and extractive.rows[2]["abstained"] is False  # never abstains
@@ -34,8 +34,8 @@ def test_evaluate_scores_every_row_and_the_int8_cost(served_artifacts, tmp_path)
     assert "kl_to_sft" not in runs[-1].extra
 
     report = write_report(runs, RECORDS, [tmp_path], "# header", examples=2)
-    [cost] = report["fast_path_costs"]
-    assert cost["variant"] == "sft" and cost["numeric"] == "int8" and cost["speedup"] > 0
+    bf16, cost = report["fast_path_costs"]
+    assert (bf16["numeric"], cost["variant"], cost["numeric"]) == ("bf16", "sft", "int8") and cost["speedup"] > 0
     summaries = {(s["variant"], s["numeric"]): s for s in report["runs"] if s["layout"] == "template" and s["retrieval"]}
     expected = 100 * (summaries[("sft", "int8")]["key_fact_accuracy"] - summaries[("sft", "fp32")]["key_fact_accuracy"])
     assert cost["key_fact_points"] == round(expected, 1)
