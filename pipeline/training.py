@@ -93,6 +93,25 @@ def load_reward_model(artifacts):
     return scorer.eval(), tokenizer
 
 
+def trainer_arguments(config, ctx, **specific) -> dict:
+    """Keyword arguments shared by the TRL configs of sft, reward and dpo, plus ``specific``.
+
+    ``config`` is the stage's Config (learning_rate, epochs, max_steps, batch_size, grad_accum,
+    max_length, bf16, logging_steps, activation_checkpointing). No evaluation or checkpoints
+    during training: each stage scores its held-out slice itself, once, at the end.
+    """
+    import torch
+
+    return dict(
+        output_dir=str(ctx.out_dir / "checkpoints"), learning_rate=config.learning_rate,
+        num_train_epochs=config.epochs, max_steps=config.max_steps or -1,
+        per_device_train_batch_size=config.batch_size, gradient_accumulation_steps=config.grad_accum,
+        max_length=config.max_length, bf16=use_bf16(config.bf16), logging_steps=config.logging_steps,
+        lr_scheduler_type="cosine", eval_strategy="no", save_strategy="no", report_to=[],
+        seed=ctx.config.seed, use_cpu=not torch.cuda.is_available(),
+        gradient_checkpointing=config.activation_checkpointing, **specific)
+
+
 def save_curves(log_history: list[dict], series: dict[str, str], path: Path, title: str) -> None:
     """Plot each logged key of ``series`` ({key: label}) against the step, one PNG."""
     import matplotlib

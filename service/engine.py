@@ -77,7 +77,10 @@ class Engine:
         self.index_dir = Path(index_dir) if index_dir else None
         self._retriever = None
         self._models: dict[str, tuple] = {}
-        self._load_lock = threading.Lock()
+        # One load at a time: concurrent from_pretrained calls (a variant and the embedder, from
+        # two request threads) race on transformers' global loading state and can leave a
+        # later model's tied weights on the meta device.
+        self._load_lock = threading.RLock()
         self._slots = threading.BoundedSemaphore(max_concurrent)
 
     # -- resources -------------------------------------------------------------------
@@ -99,12 +102,15 @@ class Engine:
 
     @property
     def retriever(self):
-        if self._retriever is None:
-            from pipeline.retrieval.retriever import Retriever
+        with self._load_lock:
+            if self._retriever is None:
+                from pipeline.retrieval.retriever import Retriever
 
-            folder = self.index_dir or self.artifacts.require("index")
-            self._retriever = Retriever(folder, self.retrieval)
-        return self._retriever
+                folder = self.index_dir or self.artifacts.require("index")
+                retriever = Retriever(folder, self.retrieval)
+                retriever.embedder  # load the query embedder now, under the lock
+                self._retriever = retriever
+            return self._retriever
 
     def set_index(self, folder: Path) -> None:
         self.index_dir, self._retriever = Path(folder), None

@@ -96,6 +96,13 @@ def test_generation_is_bounded_and_queued(served_artifacts, monkeypatch):
     with ThreadPoolExecutor(3) as pool:
         texts = [r.text for r in pool.map(lambda q: bounded.answer(q), ["adam?", "dropout?", "adam beta?"])]
     assert texts == ["done"] * 3 and peak[0] == 1
+    # the three threads loaded the retriever and a model: no load may have raced another and
+    # left transformers' loading state behind (a later model's tied head on the meta device)
+    from pipeline.artifacts import Artifacts
+    from service.engine import load_variant
+
+    later, _ = load_variant(Artifacts(served_artifacts), "base")
+    assert later.lm_head.weight.device.type == "cpu"
 
 
 def test_history_is_truncated_oldest_first(engine, monkeypatch):

@@ -44,11 +44,10 @@ def inputs(cfg) -> list[Path]:
 
 
 def run(config: Config, ctx) -> dict:
-    import torch
     from datasets import load_dataset
     from trl import DPOConfig, DPOTrainer
 
-    from pipeline.training import chain_of, load_causal_lm, peft_config, save_curves, use_bf16, write_history
+    from pipeline.training import chain_of, load_causal_lm, peft_config, save_curves, trainer_arguments, write_history
 
     data = ctx.parent("dataset")
     chain = chain_of(ctx.artifacts, "sft")
@@ -68,16 +67,8 @@ def run(config: Config, ctx) -> dict:
         ctx.log.info("added %d preference pairs from %s", len(extra), config.extra_prefs)
     if config.eval_rows:
         held_out = held_out.select(range(min(config.eval_rows, len(held_out))))
-    args = DPOConfig(
-        output_dir=str(ctx.out_dir / "checkpoints"), beta=config.beta, loss_type=[config.loss_type],
-        learning_rate=config.learning_rate, num_train_epochs=config.epochs,
-        max_steps=config.max_steps or -1, per_device_train_batch_size=config.batch_size,
-        per_device_eval_batch_size=config.batch_size, gradient_accumulation_steps=config.grad_accum,
-        max_length=config.max_length, bf16=use_bf16(config.bf16), logging_steps=config.logging_steps,
-        eval_strategy="no", save_strategy="no", report_to=[], seed=ctx.config.seed,
-        warmup_steps=0.05, lr_scheduler_type="cosine", use_cpu=not torch.cuda.is_available(),
-        gradient_checkpointing=config.activation_checkpointing,
-    )
+    args = DPOConfig(**trainer_arguments(config, ctx, beta=config.beta, loss_type=[config.loss_type],
+                                         per_device_eval_batch_size=config.batch_size, warmup_steps=0.05))
     trainer = DPOTrainer(model=model, args=args, train_dataset=train, eval_dataset=held_out,
                          processing_class=tokenizer, peft_config=peft_config(config.lora))
     result = trainer.train()

@@ -82,12 +82,11 @@ def plot_margins(margins: list[float], path: Path) -> None:
 def run(config: Config, ctx) -> dict:
     import json
 
-    import torch
     from datasets import load_dataset
     from trl import RewardConfig, RewardTrainer
 
     from pipeline.training import (chain_of, load_causal_lm, peft_config, reward_model_from,
-                                   save_curves, use_bf16, write_history)
+                                   save_curves, trainer_arguments, write_history)
 
     data = ctx.parent("dataset")
     causal, tokenizer = load_causal_lm(ctx.artifacts, chain_of(ctx.artifacts, "sft"))
@@ -97,15 +96,7 @@ def run(config: Config, ctx) -> dict:
     held_out = [json.loads(line) for line in (data / "prefs_val.jsonl").read_text().splitlines() if line]
     if config.eval_rows:
         held_out = held_out[: config.eval_rows]
-    args = RewardConfig(
-        output_dir=str(ctx.out_dir / "checkpoints"), learning_rate=config.learning_rate,
-        num_train_epochs=config.epochs, max_steps=config.max_steps or -1,
-        per_device_train_batch_size=config.batch_size, gradient_accumulation_steps=config.grad_accum,
-        max_length=config.max_length, bf16=use_bf16(config.bf16), logging_steps=config.logging_steps,
-        eval_strategy="no", save_strategy="no", report_to=[], seed=ctx.config.seed,
-        warmup_steps=0.05, lr_scheduler_type="cosine", use_cpu=not torch.cuda.is_available(),
-        gradient_checkpointing=config.activation_checkpointing,
-    )
+    args = RewardConfig(**trainer_arguments(config, ctx, warmup_steps=0.05))
     trainer = RewardTrainer(model=scorer, args=args, train_dataset=train, processing_class=tokenizer,
                             peft_config=peft_config(config.lora, "SEQ_CLS", modules_to_save=["score"]))
     result = trainer.train()

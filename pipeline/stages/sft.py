@@ -43,11 +43,10 @@ def inputs(cfg) -> list[Path]:
 
 
 def run(config: Config, ctx) -> dict:
-    import torch
     from datasets import load_dataset
     from trl import SFTConfig, SFTTrainer
 
-    from pipeline.training import load_causal_lm, peft_config, save_curves, use_bf16, write_history
+    from pipeline.training import load_causal_lm, peft_config, save_curves, trainer_arguments, write_history
 
     data = ctx.parent("dataset")
     model, tokenizer = load_causal_lm(ctx.artifacts, [])
@@ -55,18 +54,10 @@ def run(config: Config, ctx) -> dict:
     held_out = load_dataset("json", data_files=str(data / "sft_val.jsonl"), split="train")
     if config.eval_rows:
         held_out = held_out.select(range(min(config.eval_rows, len(held_out))))
-    args = SFTConfig(
-        output_dir=str(ctx.out_dir / "checkpoints"), learning_rate=config.learning_rate,
-        num_train_epochs=config.epochs, max_steps=config.max_steps or -1,
-        per_device_train_batch_size=config.batch_size, per_device_eval_batch_size=config.batch_size,
-        gradient_accumulation_steps=config.grad_accum, max_length=config.max_length,
-        truncation_mode="keep_end", warmup_steps=config.warmup_ratio, lr_scheduler_type="cosine",
-        bf16=use_bf16(config.bf16),
-        train_sampling_strategy="group_by_length" if config.group_by_length else "random",
-        logging_steps=config.logging_steps, eval_strategy="no", save_strategy="no",
-        report_to=[], seed=ctx.config.seed, completion_only_loss=True, use_cpu=not torch.cuda.is_available(),
-        gradient_checkpointing=config.activation_checkpointing,
-    )
+    args = SFTConfig(**trainer_arguments(
+        config, ctx, warmup_steps=config.warmup_ratio, per_device_eval_batch_size=config.batch_size,
+        truncation_mode="keep_end", completion_only_loss=True,
+        train_sampling_strategy="group_by_length" if config.group_by_length else "random"))
     trainer = SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=held_out,
                          processing_class=tokenizer, peft_config=peft_config(config.lora))
     before = trainer.evaluate()["eval_loss"]  # LoRA's B starts at zero: this is the base model
