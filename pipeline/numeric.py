@@ -17,12 +17,17 @@ from pipeline.errors import UserError
 NUMERIC_PATHS = ("fp32", "bf16", "int8")
 
 
+def check_numeric_path(path: str) -> str:
+    if path not in NUMERIC_PATHS:
+        raise UserError(f"numeric path must be one of {', '.join(NUMERIC_PATHS)}, not '{path}'")
+    return path
+
+
 def to_numeric_path(model, path: str):
     """The model converted for inference (fp32 returns it unchanged; int8 returns a copy)."""
     import torch
 
-    if path not in NUMERIC_PATHS:
-        raise UserError(f"numeric path must be one of {', '.join(NUMERIC_PATHS)}, not '{path}'")
+    check_numeric_path(path)
     if path == "bf16":
         return model.to(torch.bfloat16)
     if path == "int8":

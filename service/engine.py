@@ -65,11 +65,9 @@ class Engine:
                  retrieval: RetrievalSettings | None = None, max_concurrent: int = 1,
                  remote_url: str | None = None, remote_model: str | None = None,
                  numeric: str = DEFAULT_NUMERIC):
-        from pipeline.numeric import NUMERIC_PATHS
+        from pipeline.numeric import check_numeric_path
 
-        if numeric not in NUMERIC_PATHS:
-            raise UserError(f"numeric path must be one of {', '.join(NUMERIC_PATHS)}, not '{numeric}'")
-        self.numeric = numeric
+        self.numeric = check_numeric_path(numeric)
         self.artifacts = Artifacts(artifacts_dir)
         self.remote_url = remote_url.rstrip("/") if remote_url else None  # an OpenAI-compatible server
         self.remote_model = remote_model

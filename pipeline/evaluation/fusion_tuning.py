@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from pipeline.evaluation.retrieval_eval import rank_metrics
+from pipeline.evaluation.retrieval_eval import doc_ranking, rank_metrics
 from pipeline.prompt import retrieval_query
 from pipeline.retrieval.retriever import fuse
 
@@ -35,10 +35,7 @@ def tune_fusion(retriever, records, top: int = 8) -> list[tuple[float, dict]]:
     for settings in fusion_grid(retriever.settings):
         total = 0.0
         for doc, dense, sparse in candidates:
-            docs: list[str] = []
-            for idx, _ in fuse(dense, sparse, settings):
-                if retriever.chunks[idx].doc_id not in docs:
-                    docs.append(retriever.chunks[idx].doc_id)
+            docs = doc_ranking(retriever.chunks[idx] for idx, _ in fuse(dense, sparse, settings))
             total += rank_metrics(docs.index(doc) + 1 if doc in docs else None)["ndcg@10"]
         overrides = {"fusion": settings.fusion, "dense_weight": settings.dense_weight,
                      "bm25_weight": settings.bm25_weight}

@@ -81,7 +81,7 @@ def evaluate(artifacts, records, retriever, settings: EvalSettings, perplexity_t
 
         run = Run("extractive", "sentence", True)
         run.answers = [extractive_answer(r.question, p) for r, p in zip(records, passages)]
-        run.rows = [score_answer(a, r, p) for a, r, p in zip(run.answers, records, passages)]
+        score_rows(run, records, passages)
         runs.append(run)
     for variant in built:
         model, tokenizer = load_causal_lm(artifacts, [] if variant == "base" else chain_of(artifacts, variant))
@@ -128,6 +128,11 @@ def answer_and_score(run: Run, model, tokenizer, prompts, records, passages, set
     run.answers = generate_batch(model, tokenizer, prompts, settings.max_new_tokens,
                                  settings.batch_size, desc=run.name)
     run.seconds_per_answer = (time.time() - started) / max(1, len(records))
+    score_rows(run, records, passages)
+
+
+def score_rows(run: Run, records, passages) -> None:
+    """Per-answer metrics of ``run.answers``; passages count only when the run retrieved."""
     run.rows = [score_answer(a, r, p if run.retrieval else []) for a, r, p in zip(run.answers, records, passages)]
 
 

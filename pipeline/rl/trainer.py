@@ -199,7 +199,11 @@ def train(model, tokenizer, prompts: list[list[dict]], reward_fn: RewardFn, sett
     params = [p for p in model.parameters() if p.requires_grad] + list(value_head.parameters())
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate)
     policy, head = model, value_head  # unwrapped: generate, adapter switching, no-grad passes
-    backward, mean_across = None, None
+    backward = None
+
+    def mean_across(value: float) -> float:  # one process: the value itself
+        return value
+
     if accelerator is not None:
         model, value_head, optimizer = accelerator.prepare(model, value_head, optimizer)
         backward = accelerator.backward
@@ -220,8 +224,7 @@ def train(model, tokenizer, prompts: list[list[dict]], reward_fn: RewardFn, sett
         kl_coef = controller.value
         stats.update(update(model, value_head, optimizer, trajectory, prompt_len, settings, rng, backward,
                             mean_across))
-        if mean_across is not None:
-            stats["kl"] = mean_across(stats["kl"])
+        stats["kl"] = mean_across(stats["kl"])
         controller.update(stats["kl"], settings.batch_size)
         with torch.no_grad():
             _, values, _ = forward(policy, head, input_ids, attention_mask, prompt_len,
