@@ -1,12 +1,17 @@
-"""Numeric paths for CPU inference: the same merged model in fp32, bf16 or int8.
+"""Numeric paths for CPU inference: the same merged model in fp32, bf16, int8 or int8-decode.
 
-``bf16`` casts the weights (fast on CPUs with AVX512-BF16 or AMX, slow elsewhere). ``int8`` is
-PyTorch's dynamic quantisation of every ``nn.Linear``: int8 weights, activations quantised per
-batch on the fly, no calibration and no new dependency. Measured on the quick profile
-(reports/bench.md, reports/eval.md): int8 decodes ~2x faster than fp32 but loses 24-26 points
-of key-fact accuracy on the held-out questions (per-channel weights with an fp32 ``lm_head``
-still lost 13 points on sft), so the service defaults to fp32; bf16 gives a ~1.5x faster first
-token for -5.3 to +2.6 points.
+- ``bf16`` casts the weights (native on CPUs with AVX512-BF16 or AMX; elsewhere still a faster
+  prefill, since the weights read from memory are half the size).
+- ``int8`` is PyTorch's dynamic quantisation of every ``nn.Linear``: int8 weights, activations
+  quantised on the fly with one scale per call (and 7-bit, ``reduce_range``). Over a 600-token
+  prompt that one scale is set by a few outlier activations (largest at the ``down_proj``
+  inputs, as LLM.int8() describes), so prompts lose precision: 24-26 key-fact points on the
+  held-out questions (reports/eval.md).
+- ``int8-decode`` keeps what makes int8 fast and drops what makes it lossy: the prompt (prefill)
+  runs through bf16 weights, and each decoded token through int8 per-channel weights with its
+  activations quantised per token and over the full 8-bit range. A decode step is one token, so
+  its scale is that token's own. See reports/bench.md and reports/eval.md for its speed and its
+  key-fact cost against fp32.
 """
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ import warnings
 
 from pipeline.errors import UserError
 
-NUMERIC_PATHS = ("fp32", "bf16", "int8")
+NUMERIC_PATHS = ("fp32", "bf16", "int8", "int8-decode")
 
 
 def check_numeric_path(path: str) -> str:
@@ -24,7 +29,8 @@ def check_numeric_path(path: str) -> str:
 
 
 def to_numeric_path(model, path: str):
-    """The model converted for inference (fp32 returns it unchanged; int8 returns a copy)."""
+    """The model converted for inference (fp32 returns it unchanged; the others convert in place
+    or return a converted model: pass a copy to keep the original)."""
     import torch
 
     check_numeric_path(path)
@@ -35,4 +41,8 @@ def to_numeric_path(model, path: str):
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*(deprecated|torchao).*")
             return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    if path == "int8-decode":
+        from pipeline.int8_decode import PrefillDecodeLinear, replace_linears
+
+        return replace_linears(model, PrefillDecodeLinear)
     return model

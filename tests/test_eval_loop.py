@@ -25,7 +25,8 @@ def test_evaluate_scores_every_row_and_the_int8_cost(served_artifacts, tmp_path)
     names = [run.name for run in runs]
     assert names == ["extractive / sentence / rag", "base / template / rag", "base / template / no-rag",
                      "base / plain / rag", "sft / template / rag", "sft / template / no-rag",
-                     "sft / template / rag / bf16", "sft / template / rag / int8"]
+                     "sft / template / rag / bf16", "sft / template / rag / int8",
+                     "sft / template / rag / int8-decode"]
     extractive = runs[0]
     assert extractive.answers[0] == "Adam was proposed by Diederik Kingma and Jimmy Ba in 2014. [1]"
     assert extractive.rows[0]["fact_hit"] and extractive.rows[2]["abstained"] is False  # never abstains
@@ -34,11 +35,14 @@ def test_evaluate_scores_every_row_and_the_int8_cost(served_artifacts, tmp_path)
     assert "kl_to_sft" not in runs[-1].extra
 
     report = write_report(runs, RECORDS, [tmp_path], "# header", examples=2)
-    bf16, cost = report["fast_path_costs"]
+    bf16, cost, decode = report["fast_path_costs"]
+    assert decode["numeric"] == "int8-decode"
     assert (bf16["numeric"], cost["variant"], cost["numeric"]) == ("bf16", "sft", "int8") and cost["speedup"] > 0
     summaries = {(s["variant"], s["numeric"]): s for s in report["runs"] if s["layout"] == "template" and s["retrieval"]}
     expected = 100 * (summaries[("sft", "int8")]["key_fact_accuracy"] - summaries[("sft", "fp32")]["key_fact_accuracy"])
     assert cost["key_fact_points"] == round(expected, 1)
+    fp32_answers, int8_answers = runs[4].answers, runs[7].answers
+    assert cost["same_answers"] == round(sum(a == b for a, b in zip(int8_answers, fp32_answers)) / 3, 3)
     markdown = (tmp_path / "eval.md").read_text()
     assert "| sft | template | on | int8 |" in markdown and "Fast numeric paths against fp32" in markdown
     assert json.loads((tmp_path / "eval.json").read_text())["questions"] == 3

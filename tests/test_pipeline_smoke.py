@@ -36,7 +36,7 @@ def test_tiny_profile_end_to_end(tmp_path):
             ("extractive", "sentence", True)} <= runs
     assert all(r["key_fact_accuracy"] is not None for r in report["runs"])
     assert {(c["variant"], c["numeric"]) for c in report["fast_path_costs"]} == {
-        (variant, path) for variant in ("sft", "dpo", "ppo") for path in ("bf16", "int8")}
+        (variant, path) for variant in ("sft", "dpo", "ppo") for path in ("bf16", "int8", "int8-decode")}
     retrieval = json.loads((tmp_path / "reports/retrieval.json").read_text())
     assert set(retrieval["modes"]) == {"dense", "bm25", "hybrid"}
     for name in ("eval.md", "eval.png", "sft_loss.png", "reward_margins.png", "dpo_curves.png", "ppo_curves.png"):

@@ -27,7 +27,8 @@ def numeric_paths(model):
     from pipeline.numeric import to_numeric_path
 
     return {"fp32 (baseline)": model, "bf16 weights": to_numeric_path(copy.deepcopy(model), "bf16"),
-            "int8 dynamic (linear layers)": to_numeric_path(copy.deepcopy(model), "int8")}
+            "int8 dynamic (linear layers)": to_numeric_path(copy.deepcopy(model), "int8"),
+            "int8-decode (bf16 prompt, int8 tokens)": to_numeric_path(copy.deepcopy(model), "int8-decode")}
 
 
 def time_generation(model, tokenizer, messages, new_tokens: int = 64, repeats: int = 3) -> dict:

@@ -32,7 +32,7 @@ class EvalSettings:
     examples: int = 4  # questions shown side by side in reports/eval.md
     # Faster numeric paths (pipeline/numeric.py) scored again, template + retrieval, for the
     # quality cost of serving them: the service's --numeric choice rests on these rows.
-    numeric_paths: list[str] = field(default_factory=lambda: ["bf16", "int8"])
+    numeric_paths: list[str] = field(default_factory=lambda: ["bf16", "int8", "int8-decode"])
     numeric_path_variants: list[str] = field(default_factory=lambda: ["sft", "dpo", "ppo"])
     extractive_baseline: bool = True  # also score "copy the best-matching sentence of passage 1"
 

@@ -15,7 +15,8 @@ COLUMNS = [("key_fact_accuracy", "key-fact acc"), ("abstention_accuracy", "abste
 
 
 def summarise(run) -> dict:
-    summary = {"variant": run.variant, "layout": run.layout, "retrieval": run.retrieval, "numeric": run.numeric,
+    summary = {"name": run.name, "variant": run.variant, "layout": run.layout, "retrieval": run.retrieval,
+               "numeric": run.numeric,
                **aggregate(run.rows), "seconds_per_answer": round(run.seconds_per_answer, 2)}
     if "reward_scores" in run.extra:
         summary["reward"] = round(statistics.fmean(run.extra["reward_scores"]), 4)
@@ -31,40 +32,48 @@ def _cell(value) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
-def fast_path_costs(summaries: list[dict]) -> list[dict]:
-    """Each faster numeric path against fp32 for the same variant (template layout, retrieval on)."""
-    fp32 = {s["variant"]: s for s in summaries if s["numeric"] == "fp32" and s["layout"] == "template" and s["retrieval"]}
+def fast_path_costs(summaries: list[dict], answers: dict[str, list[str]]) -> list[dict]:
+    """Each faster numeric path against fp32 for the same variant (template layout, retrieval on):
+    key-fact points gained or lost, answer-time speed-up, and the share of answers word for word
+    the same as fp32's (one question moves key-fact accuracy by 2-3 points; this moves less)."""
+    def is_reference(s):
+        return s["numeric"] == "fp32" and s["layout"] == "template" and s["retrieval"]
+
+    fp32 = {s["variant"]: s for s in summaries if is_reference(s)}
     costs = []
     for s in summaries:
         reference = fp32.get(s["variant"])
         if s["numeric"] != "fp32" and reference is not None:
+            ours, theirs = answers[s["name"]], answers[reference["name"]]
             costs.append({"variant": s["variant"], "numeric": s["numeric"],
                           "key_fact_points": round(100 * (s["key_fact_accuracy"] - reference["key_fact_accuracy"]), 1),
-                          "speedup": round(reference["seconds_per_answer"] / max(1e-6, s["seconds_per_answer"]), 2)})
+                          "speedup": round(reference["seconds_per_answer"] / max(1e-6, s["seconds_per_answer"]), 2),
+                          "same_answers": round(sum(a == b for a, b in zip(ours, theirs)) / max(1, len(ours)), 3)})
     return costs
 
 
-def fast_path_lines(summaries: list[dict]) -> list[str]:
-    costs = fast_path_costs(summaries)
+def fast_path_lines(costs: list[dict]) -> list[str]:
     if not costs:
         return []
     lines = ["## Fast numeric paths against fp32", "",
-             "Key-fact accuracy change in points (negative = a loss) and answer-time speed-up, same questions:", ""]
-    lines += [f"- `{c['variant']}` {c['numeric']}: {c['key_fact_points']:+.1f} points, {c['speedup']:.2f}x faster"
-              for c in costs]
+             "Key-fact accuracy change in points (negative = a loss), answer-time speed-up and the share "
+             "of answers identical to fp32's, same questions:", ""]
+    lines += [f"- `{c['variant']}` {c['numeric']}: {c['key_fact_points']:+.1f} points, {c['speedup']:.2f}x faster, "
+              f"{100 * c['same_answers']:.0f}% identical answers" for c in costs]
     return lines + [""]
 
 
 def write_report(runs, records, out_dirs: list[Path], header: str, examples: int) -> dict:
     summaries = [summarise(run) for run in runs]
-    report = {"questions": len(records), "runs": summaries, "fast_path_costs": fast_path_costs(summaries), "answers": {
+    costs = fast_path_costs(summaries, {run.name: run.answers for run in runs})
+    report = {"questions": len(records), "runs": summaries, "fast_path_costs": costs, "answers": {
         run.name: [{"id": r.id, "answer": a} for r, a in zip(records, run.answers)] for run in runs}}
     lines = [header, "", "| variant | layout | retrieval | numeric | " + " | ".join(l for _, l in COLUMNS) + " |",
              "|---" * (len(COLUMNS) + 4) + "|"]
     for s in summaries:
         lines.append(f"| {s['variant']} | {s['layout']} | {'on' if s['retrieval'] else 'off'} | {s['numeric']} | "
                      + " | ".join(_cell(s.get(k)) for k, _ in COLUMNS) + " |")
-    lines += ["", "![key metrics](eval.png)", ""] + fast_path_lines(summaries) + ["## Answers side by side", ""]
+    lines += ["", "![key metrics](eval.png)", ""] + fast_path_lines(costs) + ["## Answers side by side", ""]
     shown = [r for r in records if r.answerable][: max(0, examples - 1)] + \
             [r for r in records if not r.answerable][:1]
     index = {r.id: i for i, r in enumerate(records)}

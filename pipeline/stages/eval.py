@@ -59,8 +59,8 @@ def run(config: Config, ctx) -> dict:
               f"seed {cfg.seed}, top_k={cfg.retrieval.top_k} {cfg.retrieval.mode} retrieval. "
               "Layout `template` is the project's prompt; `plain` is the base model's best plain layout; "
               "`extractive / sentence` is no model at all: the sentence of passage [1] sharing most words "
-              "with the question (pipeline/evaluation/baselines.py). Rows marked `int8` serve the same "
-              "weights through int8 dynamic quantisation.")
+              "with the question (pipeline/evaluation/baselines.py). Rows marked `bf16`, `int8` or "
+              "`int8-decode` serve the same weights through a faster numeric path (pipeline/numeric.py).")
     report = score(ctx.artifacts, records, retriever, config, [ctx.reports_dir, ctx.out_dir], header,
                    train_docs, cfg.seed)
     metrics = {"questions": report["questions"],
@@ -71,4 +71,5 @@ def run(config: Config, ctx) -> dict:
             metrics[f"{summary['variant']}_abstention"] = summary["abstention_accuracy"]
     for cost in report["fast_path_costs"]:
         metrics[f"{cost['variant']}_{cost['numeric']}_key_fact_points"] = cost["key_fact_points"]
+        metrics[f"{cost['variant']}_{cost['numeric']}_same_answers"] = cost["same_answers"]
     return metrics

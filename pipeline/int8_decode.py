@@ -1,0 +1,45 @@
+"""The ``int8-decode`` numeric path (pipeline/numeric.py): bf16 weights for the prompt, int8
+weights with per-token activation scales for each decoded token."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class PrefillDecodeLinear(torch.nn.Module):
+    """A linear layer with two copies of its weight: bf16 for many-token calls (the prompt),
+    int8 per output channel for one-token calls (decoding).
+
+    Input ``(..., T, in)``, output ``(..., T, out)`` in the input's dtype. For ``T == 1`` each
+    row of a batch is quantised on its own (fbgemm's dynamic linear takes one activation scale
+    per call), so an answer generated in a batch matches the same answer generated alone.
+    """
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        weight = linear.weight.detach().float()
+        self.register_buffer("weight", weight.to(torch.bfloat16))
+        self.bias = None if linear.bias is None else linear.bias.detach().float()
+        scale = (weight.abs().amax(dim=1) / 127).clamp(min=1e-8).double()
+        zero = torch.zeros_like(scale, dtype=torch.long)
+        qweight = torch.quantize_per_channel(weight, scale, zero, 0, torch.qint8)
+        self._packed = torch.ops.quantized.linear_prepack(qweight, self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2] != 1:
+            out = F.linear(x.to(torch.bfloat16), self.weight).to(x.dtype)
+            return out if self.bias is None else out + self.bias.to(x.dtype)
+        rows = x.float().reshape(-1, 1, x.shape[-1]).unbind(0)
+        # reduce_range=False: all 8 bits for the activation (the 7-bit default is the int8 path's)
+        out = [torch.ops.quantized.linear_dynamic(row, self._packed, reduce_range=False) for row in rows]
+        return torch.cat(out).reshape(*x.shape[:-1], -1).to(x.dtype)
+
+
+def replace_linears(model: torch.nn.Module, wrap) -> torch.nn.Module:
+    """Every ``nn.Linear`` of ``model`` (the tied ``lm_head`` included) replaced, in place, by
+    ``wrap(linear)``."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, torch.nn.Linear):
+                setattr(parent, name, wrap(child))
+    return model

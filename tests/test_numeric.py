@@ -1,0 +1,84 @@
+"""The numeric paths of pipeline/numeric.py on hand-built layers and a tiny model."""
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from pipeline.errors import UserError  # noqa: E402
+from pipeline.int8_decode import PrefillDecodeLinear  # noqa: E402
+from pipeline.numeric import to_numeric_path  # noqa: E402
+
+
+def _layer_and_inputs(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    linear = torch.nn.Linear(64, 32, bias=True)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(32, 64, generator=gen) * 0.1)
+        linear.bias.copy_(torch.randn(32, generator=gen))
+    return linear, gen
+
+
+def test_prefill_uses_bf16_weights_and_decode_uses_int8():
+    linear, gen = _layer_and_inputs()
+    layer = PrefillDecodeLinear(linear)
+    prompt = torch.randn(1, 5, 64, generator=gen)
+    with torch.no_grad():
+        exact, fast = linear(prompt), layer(prompt)
+        bf16 = (prompt.bfloat16() @ linear.weight.bfloat16().T).float() + linear.bias
+    torch.testing.assert_close(fast, bf16)  # the prompt goes through the bf16 copy
+    assert fast.dtype == torch.float32 and (fast - exact).abs().max() < 0.05
+    token = prompt[:, :1]
+    with torch.no_grad():
+        decoded = layer(token)
+    assert not torch.equal(decoded, bf16[:, :1])  # a different kernel: the int8 one
+    assert (decoded - exact[:, :1]).abs().max() < 0.05
+
+
+def test_decode_scales_each_row_on_its_own():
+    linear, gen = _layer_and_inputs(1)
+    layer = PrefillDecodeLinear(linear)
+    quiet = torch.randn(1, 1, 64, generator=gen)
+    loud = torch.randn(1, 1, 64, generator=gen) * 100  # an outlier token in the same batch
+    with torch.no_grad():
+        alone = layer(quiet)
+        batched = layer(torch.cat([quiet, loud]))
+    torch.testing.assert_close(batched[:1], alone, rtol=0, atol=0)
+
+
+def test_decode_error_is_below_the_dynamic_int8_paths():
+    """Per-channel weights and full-range activations beat torch's default dynamic int8 layer
+    (per-tensor weights, 7-bit activations) on a token with one outlier channel."""
+    linear, gen = _layer_and_inputs(2)
+    token = torch.randn(1, 1, 64, generator=gen)
+    token[..., 3] = 40.0
+    dynamic = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(linear), {torch.nn.Linear})
+    with torch.no_grad():
+        exact = linear(token)
+        ours = (PrefillDecodeLinear(linear)(token) - exact).abs().mean()
+        theirs = (dynamic(token) - exact).abs().mean()
+    assert ours < theirs
+
+
+def test_int8_decode_model_generates_like_fp32(served_artifacts):
+    from pipeline.artifacts import Artifacts
+    from pipeline.training import chain_of, load_causal_lm
+
+    artifacts = Artifacts(served_artifacts)
+    fp32, tokenizer = load_causal_lm(artifacts, chain_of(artifacts, "sft"))
+    fast, _ = load_causal_lm(artifacts, chain_of(artifacts, "sft"))
+    fast = to_numeric_path(fast.eval(), "int8-decode")
+    assert type(fast.model.layers[0].mlp.down_proj) is PrefillDecodeLinear
+    assert type(fast.lm_head) is PrefillDecodeLinear
+    ids = tokenizer("Adam was proposed by", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        a, b = fast(ids).logits.flatten(), fp32.eval()(ids).logits.flatten()
+        assert torch.corrcoef(torch.stack([a, b]))[0, 1] > 0.99
+        kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        out = fast.generate(ids, **kwargs)
+    assert out.shape[1] > ids.shape[1]
+
+
+def test_unknown_path_is_named():
+    with pytest.raises(UserError, match="int8-decode"):
+        to_numeric_path(None, "fp8")
