@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "eval":
             from pipeline.evaluation.custom import run_eval_command
 
-            run_eval_command(cfg, args.docs, args.qa, args.out)
+            run_eval_command(cfg, args.docs, args.qa, args.out, args.overrides)
         elif args.command == "retrieval-eval":
             from pipeline.evaluation.custom import run_retrieval_eval
 

@@ -10,8 +10,9 @@
 - ``int8-decode`` keeps what makes int8 fast and drops what makes it lossy: the prompt (prefill)
   runs through bf16 weights, and each decoded token through int8 per-channel weights with its
   activations quantised per token and over the full 8-bit range. A decode step is one token, so
-  its scale is that token's own. See reports/bench.md and reports/eval.md for its speed and its
-  key-fact cost against fp32.
+  its scale is that token's own. Measured (reports/bench.md, reports/int8-decode-check/): 2.5x
+  the fp32 decode speed, 1.4x faster first token, -2.3 key-fact points on the 225 held-out
+  questions (dpo), 76% of answers identical to fp32's.
 """
 from __future__ import annotations
 

@@ -19,9 +19,9 @@ from pipeline.retrieval.settings import RetrievalSettings
 log = logging.getLogger("service.engine")
 VARIANTS = ("base", "sft", "ppo", "dpo")
 MAX_MESSAGE_CHARS = 4000
-# fp32 (merged LoRA) by default: the faster paths cost too much on held-out questions
-# (reports/eval.md, "Fast numeric paths against fp32": int8 -24 to -26 key-fact points,
-# bf16 -5.3 to +2.6). --numeric bf16 trades that for a ~1.5x faster first token.
+# fp32 (merged LoRA) by default: every faster path costs more than the 1-point key-fact budget
+# (reports/eval.md, "Fast numeric paths against fp32"; int8-decode, the best, -2.3 points on all
+# 225 held-out questions for dpo at 2.5x the decode speed: reports/int8-decode-check/).
 DEFAULT_NUMERIC = "fp32"
 EMPTY_MESSAGE_REPLY = "Please type a question, for example: What does the KL penalty in RLHF do?"
 

@@ -1,6 +1,7 @@
 """`python -m pipeline eval [--docs DIR --qa FILE]` and `python -m pipeline retrieval-eval`."""
 from __future__ import annotations
 
+import shlex
 import tempfile
 from pathlib import Path
 
@@ -8,7 +9,7 @@ from pipeline.artifacts import Artifacts
 from pipeline.errors import UserError
 
 
-def run_eval_command(cfg, docs: str | None, qa: str | None, out: str) -> None:
+def run_eval_command(cfg, docs: str | None, qa: str | None, out: str, overrides=()) -> None:
     from pipeline.runner import run_pipeline
 
     if not docs and not qa:
@@ -33,8 +34,9 @@ def run_eval_command(cfg, docs: str | None, qa: str | None, out: str) -> None:
         index_folder(cfg, docs, str(Path(tmp) / "index"))
         retriever = Retriever(Path(tmp) / "index", cfg.retrieval)
         out_dir = Path(out).resolve()
-        header = (f"# Evaluation on {qa} over {docs}\n\nMade by `python -m pipeline eval --docs {docs} "
-                  f"--qa {qa}`; greedy decoding, seed {cfg.seed}.")
+        command = shlex.join(["python", "-m", "pipeline", "eval", "--docs", str(docs), "--qa", str(qa),
+                              "--out", str(out), *overrides])
+        header = f"# Evaluation on {qa} over {docs}\n\nMade by `{command}`; greedy decoding, seed {cfg.seed}."
         score(artifacts, records, retriever, cfg.eval, [out_dir], header, set(), cfg.seed)
     print(f"report: {out_dir / 'eval.md'}")
 
