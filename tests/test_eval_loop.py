@@ -7,7 +7,7 @@ import json
 from pipeline.artifacts import Artifacts
 from pipeline.data.records import QARecord
 from pipeline.evaluation.loop import EvalSettings, evaluate
-from pipeline.evaluation.report import write_report
+from pipeline.evaluation.report import sign_test, write_report
 from pipeline.retrieval.retriever import Retriever
 
 RECORDS = [
@@ -43,6 +43,16 @@ def test_evaluate_scores_every_row_and_the_int8_cost(served_artifacts, tmp_path)
     assert cost["key_fact_points"] == round(expected, 1)
     fp32_answers, int8_answers = runs[4].answers, runs[7].answers
     assert cost["same_answers"] == round(sum(a == b for a, b in zip(int8_answers, fp32_answers)) / 3, 3)
+    hits = [(f["fact_hit"], q["fact_hit"]) for f, q in zip(runs[4].rows, runs[7].rows) if f["answerable"]]
+    assert (cost["questions_lost"], cost["questions_gained"]) == (
+        sum(f and not q for f, q in hits), sum(q and not f for f, q in hits))
     markdown = (tmp_path / "eval.md").read_text()
     assert "| sft | template | on | int8 |" in markdown and "Fast numeric paths against fp32" in markdown
     assert json.loads((tmp_path / "eval.json").read_text())["questions"] == 3
+
+
+def test_sign_test_by_hand():
+    assert sign_test(4, 0) == 0.125  # 2 * (1/2)**4
+    assert sign_test(0, 4) == 0.125
+    assert sign_test(3, 3) == 1.0 and sign_test(0, 0) == 1.0
+    assert sign_test(5, 1) == round(2 * (1 + 6) / 64, 3)  # P(X <= 1) of Binomial(6, 1/2), twice

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from pathlib import Path
 
@@ -32,10 +33,11 @@ def _cell(value) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
-def fast_path_costs(summaries: list[dict], answers: dict[str, list[str]]) -> list[dict]:
+def fast_path_costs(summaries: list[dict], runs: dict) -> list[dict]:
     """Each faster numeric path against fp32 for the same variant (template layout, retrieval on):
-    key-fact points gained or lost, answer-time speed-up, and the share of answers word for word
-    the same as fp32's (one question moves key-fact accuracy by 2-3 points; this moves less)."""
+    key-fact points gained or lost, answer-time speed-up, the share of answers word for word the
+    same as fp32's, and the answerable questions whose key-fact hit the path lost or gained
+    (with a two-sided sign-test p-value: is the change more than chance?)."""
     def is_reference(s):
         return s["numeric"] == "fp32" and s["layout"] == "template" and s["retrieval"]
 
@@ -43,29 +45,44 @@ def fast_path_costs(summaries: list[dict], answers: dict[str, list[str]]) -> lis
     costs = []
     for s in summaries:
         reference = fp32.get(s["variant"])
-        if s["numeric"] != "fp32" and reference is not None:
-            ours, theirs = answers[s["name"]], answers[reference["name"]]
-            costs.append({"variant": s["variant"], "numeric": s["numeric"],
-                          "key_fact_points": round(100 * (s["key_fact_accuracy"] - reference["key_fact_accuracy"]), 1),
-                          "speedup": round(reference["seconds_per_answer"] / max(1e-6, s["seconds_per_answer"]), 2),
-                          "same_answers": round(sum(a == b for a, b in zip(ours, theirs)) / max(1, len(ours)), 3)})
+        if s["numeric"] == "fp32" or reference is None:
+            continue
+        ours, theirs = runs[s["name"]], runs[reference["name"]]
+        pairs = [(a["fact_hit"], b["fact_hit"]) for a, b in zip(ours.rows, theirs.rows) if a["answerable"]]
+        lost, gained = sum(b and not a for a, b in pairs), sum(a and not b for a, b in pairs)
+        costs.append({"variant": s["variant"], "numeric": s["numeric"],
+                      "key_fact_points": round(100 * (s["key_fact_accuracy"] - reference["key_fact_accuracy"]), 1),
+                      "speedup": round(reference["seconds_per_answer"] / max(1e-6, s["seconds_per_answer"]), 2),
+                      "same_answers": round(sum(a == b for a, b in zip(ours.answers, theirs.answers))
+                                            / max(1, len(ours.answers)), 3),
+                      "questions_lost": lost, "questions_gained": gained,
+                      "sign_test_p": sign_test(lost, gained)})
     return costs
+
+
+def sign_test(lost: int, gained: int) -> float:
+    """Two-sided exact sign test: the chance of a split at least this uneven if each changed
+    question were a fair coin (1.0 when nothing changed)."""
+    n, k = lost + gained, min(lost, gained)
+    return round(min(1.0, 2 * sum(math.comb(n, j) for j in range(k + 1)) / 2 ** n), 3) if n else 1.0
 
 
 def fast_path_lines(costs: list[dict]) -> list[str]:
     if not costs:
         return []
     lines = ["## Fast numeric paths against fp32", "",
-             "Key-fact accuracy change in points (negative = a loss), answer-time speed-up and the share "
-             "of answers identical to fp32's, same questions:", ""]
+             "Key-fact accuracy change in points (negative = a loss), answer-time speed-up, the share "
+             "of answers identical to fp32's, and the answerable questions lost and gained (sign test), "
+             "same questions:", ""]
     lines += [f"- `{c['variant']}` {c['numeric']}: {c['key_fact_points']:+.1f} points, {c['speedup']:.2f}x faster, "
-              f"{100 * c['same_answers']:.0f}% identical answers" for c in costs]
+              f"{100 * c['same_answers']:.0f}% identical answers, {c['questions_lost']} lost / "
+              f"{c['questions_gained']} gained (p = {c['sign_test_p']:.2f})" for c in costs]
     return lines + [""]
 
 
 def write_report(runs, records, out_dirs: list[Path], header: str, examples: int) -> dict:
     summaries = [summarise(run) for run in runs]
-    costs = fast_path_costs(summaries, {run.name: run.answers for run in runs})
+    costs = fast_path_costs(summaries, {run.name: run for run in runs})
     report = {"questions": len(records), "runs": summaries, "fast_path_costs": costs, "answers": {
         run.name: [{"id": r.id, "answer": a} for r, a in zip(records, run.answers)] for run in runs}}
     lines = [header, "", "| variant | layout | retrieval | numeric | " + " | ".join(l for _, l in COLUMNS) + " |",

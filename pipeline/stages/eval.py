@@ -72,4 +72,5 @@ def run(config: Config, ctx) -> dict:
     for cost in report["fast_path_costs"]:
         metrics[f"{cost['variant']}_{cost['numeric']}_key_fact_points"] = cost["key_fact_points"]
         metrics[f"{cost['variant']}_{cost['numeric']}_same_answers"] = cost["same_answers"]
+        metrics[f"{cost['variant']}_{cost['numeric']}_questions_lost"] = cost["questions_lost"]
     return metrics
