@@ -16,8 +16,7 @@ COLUMNS = [("key_fact_accuracy", "key-fact acc"), ("abstention_accuracy", "abste
 
 
 def summarise(run) -> dict:
-    summary = {"name": run.name, "variant": run.variant, "layout": run.layout, "retrieval": run.retrieval,
-               "numeric": run.numeric,
+    summary = {"variant": run.variant, "layout": run.layout, "retrieval": run.retrieval, "numeric": run.numeric,
                **aggregate(run.rows), "seconds_per_answer": round(run.seconds_per_answer, 2)}
     if "reward_scores" in run.extra:
         summary["reward"] = round(statistics.fmean(run.extra["reward_scores"]), 4)
@@ -33,28 +32,26 @@ def _cell(value) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
-def fast_path_costs(summaries: list[dict], runs: dict) -> list[dict]:
+def fast_path_costs(runs: list, summaries: list[dict]) -> list[dict]:
     """Each faster numeric path against fp32 for the same variant (template layout, retrieval on):
     key-fact points gained or lost, answer-time speed-up, the share of answers word for word the
     same as fp32's, and the answerable questions whose key-fact hit the path lost or gained
-    (with a two-sided sign-test p-value: is the change more than chance?)."""
-    def is_reference(s):
-        return s["numeric"] == "fp32" and s["layout"] == "template" and s["retrieval"]
-
-    fp32 = {s["variant"]: s for s in summaries if is_reference(s)}
+    (with a two-sided sign-test p-value: is the change more than chance?). ``summaries[i]`` is
+    ``summarise(runs[i])``."""
+    fp32 = {run.variant: (run, s) for run, s in zip(runs, summaries)
+            if run.numeric == "fp32" and run.layout == "template" and run.retrieval}
     costs = []
-    for s in summaries:
-        reference = fp32.get(s["variant"])
-        if s["numeric"] == "fp32" or reference is None:
+    for run, s in zip(runs, summaries):
+        if run.numeric == "fp32" or run.variant not in fp32:
             continue
-        ours, theirs = runs[s["name"]], runs[reference["name"]]
-        pairs = [(a["fact_hit"], b["fact_hit"]) for a, b in zip(ours.rows, theirs.rows) if a["answerable"]]
+        reference, ref = fp32[run.variant]
+        pairs = [(a["fact_hit"], b["fact_hit"]) for a, b in zip(run.rows, reference.rows) if a["answerable"]]
         lost, gained = sum(b and not a for a, b in pairs), sum(a and not b for a, b in pairs)
-        costs.append({"variant": s["variant"], "numeric": s["numeric"],
-                      "key_fact_points": round(100 * (s["key_fact_accuracy"] - reference["key_fact_accuracy"]), 1),
-                      "speedup": round(reference["seconds_per_answer"] / max(1e-6, s["seconds_per_answer"]), 2),
-                      "same_answers": round(sum(a == b for a, b in zip(ours.answers, theirs.answers))
-                                            / max(1, len(ours.answers)), 3),
+        costs.append({"variant": run.variant, "numeric": run.numeric,
+                      "key_fact_points": round(100 * (s["key_fact_accuracy"] - ref["key_fact_accuracy"]), 1),
+                      "speedup": round(ref["seconds_per_answer"] / max(1e-6, s["seconds_per_answer"]), 2),
+                      "same_answers": round(sum(a == b for a, b in zip(run.answers, reference.answers))
+                                            / max(1, len(run.answers)), 3),
                       "questions_lost": lost, "questions_gained": gained,
                       "sign_test_p": sign_test(lost, gained)})
     return costs
@@ -82,7 +79,7 @@ def fast_path_lines(costs: list[dict]) -> list[str]:
 
 def write_report(runs, records, out_dirs: list[Path], header: str, examples: int) -> dict:
     summaries = [summarise(run) for run in runs]
-    costs = fast_path_costs(summaries, {run.name: run for run in runs})
+    costs = fast_path_costs(runs, summaries)
     report = {"questions": len(records), "runs": summaries, "fast_path_costs": costs, "answers": {
         run.name: [{"id": r.id, "answer": a} for r, a in zip(records, run.answers)] for run in runs}}
     lines = [header, "", "| variant | layout | retrieval | numeric | " + " | ".join(l for _, l in COLUMNS) + " |",
