@@ -33,22 +33,25 @@ def file_digest(path: Path) -> str:
 
 
 def inputs_digest(paths: list[Path]) -> dict[str, str]:
-    """Content hash of every file under ``paths`` (files or folders), keyed by path."""
+    """Content hash of every file under ``paths`` (files or folders), keyed by a name relative
+    to the repository (or, outside it, to the input's own folder): never an absolute path."""
+    from pipeline.freshness import relative_name
+
     digests = {}
     for root in paths:
         root = Path(root)
         files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
         for path in files:
-            digests[str(path)] = file_digest(path) if path.exists() else "missing"
+            name = relative_name(path)
+            if root.is_dir() and name == path.name:  # outside the repository: folder/relative path
+                name = f"{root.name}/{path.relative_to(root).as_posix()}"
+            digests[name] = file_digest(path) if path.exists() else "missing"
     return digests
 
 
-def fingerprint(stage: str, config: dict, inputs: dict[str, str], parents: dict[str, str],
-                code: str) -> str:
-    payload = json.dumps(
-        {"stage": stage, "config": config, "inputs": inputs, "parents": parents, "code": code},
-        sort_keys=True, default=str,
-    )
+def fingerprint(stage: str, parts: dict) -> str:
+    """One short hash of a stage's name and its fingerprint parts (pipeline.freshness)."""
+    payload = json.dumps({"stage": stage, **parts}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 

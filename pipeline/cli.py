@@ -95,11 +95,11 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "search":
             retrieval_commands.search(cfg, args.query, args.k, args.mode, args.index)
         elif args.command == "eval":
-            from pipeline.evaluation.custom import run_eval_command
+            from pipeline.evaluation.commands import run_eval_command
 
             run_eval_command(cfg, args.docs, args.qa, args.out, args.overrides)
         elif args.command == "retrieval-eval":
-            from pipeline.evaluation.custom import run_retrieval_eval
+            from pipeline.evaluation.commands import run_retrieval_eval
 
             run_retrieval_eval(cfg, tune=args.tune)
         elif args.command == "data" and args.data_command == "check":

@@ -1,27 +1,73 @@
-"""Batched greedy generation from chat messages, with a progress bar (dataset, eval, bench)."""
+"""Batched greedy generation from chat messages, and the answer-or-refuse decision.
+
+Decide, then answer: a variant trained to refuse carries a ``refusal_threshold`` chosen on the
+dev split (pipeline/answerability.py). The refusal's mean token log-probability under the
+model, given the prompt, is compared with it: above, the reply is the refusal and nothing is
+generated; below, the model answers with the refusal's words banned, so the decision and the
+answer never disagree. No ``repetition_penalty``: transformers applies it to the prompt's
+tokens too, and the answer should copy the passage's words.
+"""
 from __future__ import annotations
 
 from tqdm.auto import tqdm
 
+from pipeline.prompt import REFUSAL
 
-def generate_batch(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 96,
-                   batch_size: int = 8, desc: str = "generating", repetition_penalty: float = 1.1
-                   ) -> list[str]:
-    """Greedy answers to each conversation (left-padded batches; deterministic)."""
-    import torch
 
+def _prepare(tokenizer):
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    answers: list[str] = []
-    for start in tqdm(range(0, len(conversations), batch_size), desc=desc, unit="batch"):
-        chunk = conversations[start:start + batch_size]
-        texts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in chunk]
+    return tokenizer
+
+
+def prompt_text(tokenizer, conversation: list[dict]) -> str:
+    return tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+
+
+def refusal_word_ids(tokenizer) -> list[list[int]]:
+    """Token sequences that make up the refusal sentence, to ban when the decision is "answer"."""
+    body = REFUSAL.rstrip(".").split(" ", 2)[-1]  # "documents do not contain the answer"
+    return [tokenizer(" " + body, add_special_tokens=False)["input_ids"],
+            tokenizer(body, add_special_tokens=False)["input_ids"]]
+
+
+def refusal_scores(model, tokenizer, conversations: list[list[dict]], batch_size: int = 8,
+                   desc: str = "refusal scores") -> list[float]:
+    """Mean log-probability per token of the exact refusal as the reply to each conversation."""
+    from pipeline.scoring import answer_logprobs
+
+    totals = answer_logprobs(model, tokenizer, conversations, [REFUSAL] * len(conversations),
+                             batch_size=batch_size, desc=desc)
+    length = len(tokenizer(REFUSAL, add_special_tokens=False)["input_ids"])
+    return [t / length for t in totals]
+
+
+def generate_batch(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 96,
+                   batch_size: int = 8, desc: str = "generating", refusal_threshold: float | None = None,
+                   scores: list[float] | None = None) -> list[str]:
+    """Greedy answers to each conversation (left-padded batches; deterministic).
+
+    With ``refusal_threshold``, conversations whose refusal score (``scores``, computed here
+    when not given) is above it get the refusal; the rest are answered with it banned."""
+    import torch
+
+    _prepare(tokenizer)
+    decide = refusal_threshold is not None
+    if decide and scores is None:
+        scores = refusal_scores(model, tokenizer, conversations, batch_size)
+    answers: list[str | None] = [REFUSAL if decide and s > refusal_threshold else None
+                                 for s in (scores or [None] * len(conversations))]
+    todo = [i for i, a in enumerate(answers) if a is None]
+    extra = {"bad_words_ids": refusal_word_ids(tokenizer)} if decide else {}
+    for start in tqdm(range(0, len(todo), batch_size), desc=desc, unit="batch"):
+        chunk = todo[start:start + batch_size]
+        texts = [prompt_text(tokenizer, conversations[i]) for i in chunk]
         batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
         with torch.inference_mode():
             output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                    repetition_penalty=repetition_penalty,
-                                    pad_token_id=tokenizer.pad_token_id)
+                                    pad_token_id=tokenizer.pad_token_id, **extra)
         new_tokens = output[:, batch["input_ids"].shape[1]:]
-        answers += [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+        for i, text in zip(chunk, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
+            answers[i] = text.strip()
     return answers

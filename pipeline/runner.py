@@ -6,8 +6,6 @@ now from its config section, its input files, its parents' fingerprints and its 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import inspect
 import logging
 import random
 import time
@@ -16,6 +14,7 @@ from pathlib import Path
 
 from pipeline.errors import UserError
 from pipeline.artifacts import Artifacts, MissingArtifact, fingerprint, inputs_digest
+from pipeline.freshness import code_digests, fingerprint_parts, stale_reasons
 from pipeline.stages import REGISTRY
 
 log = logging.getLogger("pipeline")
@@ -45,10 +44,6 @@ def check_stage(name: str) -> None:
         raise UnknownStage(f"unknown stage '{name}'; stages are: {', '.join(REGISTRY)}")
 
 
-def _code_digest(module) -> str:
-    return hashlib.sha256(inspect.getsource(module).encode()).hexdigest()[:16]
-
-
 def _config_for(cfg, name: str) -> dict:
     module = REGISTRY[name]
     sections = {name: dataclasses.asdict(getattr(cfg, name))}
@@ -57,8 +52,8 @@ def _config_for(cfg, name: str) -> dict:
     return {"seed": cfg.seed, **sections}
 
 
-def current_fingerprint(cfg, name: str, artifacts: Artifacts) -> str | None:
-    """The fingerprint ``name`` would have if built now; None while a parent is missing."""
+def current_parts(cfg, name: str, artifacts: Artifacts) -> dict | None:
+    """The fingerprint parts ``name`` would have if built now; None while a parent is missing."""
     module = REGISTRY[name]
     parents = {}
     for parent in module.PARENTS:
@@ -69,15 +64,36 @@ def current_fingerprint(cfg, name: str, artifacts: Artifacts) -> str | None:
     for parent in getattr(module, "OPTIONAL_PARENTS", ()):  # used when built (eval's variants)
         meta = artifacts.meta(parent)
         parents[parent] = meta["fingerprint"] if meta else "not built"
-    return fingerprint(name, _config_for(cfg, name), inputs_digest(module.inputs(cfg)),
-                       parents, _code_digest(module))
+    return fingerprint_parts(_config_for(cfg, name), inputs_digest(module.inputs(cfg)), parents,
+                             code_digests(module.__name__))
+
+
+def current_fingerprint(cfg, name: str, artifacts: Artifacts) -> str | None:
+    parts = current_parts(cfg, name, artifacts)
+    return None if parts is None else fingerprint(name, parts)
+
+
+def explain(cfg, name: str, artifacts: Artifacts) -> tuple[str, list[str]]:
+    """(state, reasons): "built", "stale" or "missing", and why a stage is not built.
+
+    A stage is stale when its own fingerprint changed or when any parent is not built."""
+    meta = artifacts.meta(name)
+    if meta is None:
+        return "missing", []
+    module = REGISTRY[name]
+    reasons = []
+    for parent in module.PARENTS:
+        parent_state, _ = explain(cfg, parent, artifacts)
+        if parent_state != "built":
+            reasons.append(f"parent {parent} is {parent_state}")
+    parts = current_parts(cfg, name, artifacts)
+    if parts is not None and meta.get("fingerprint") != fingerprint(name, parts):
+        reasons += stale_reasons(meta.get("fingerprint_parts"), parts) or ["fingerprint changed"]
+    return ("stale" if reasons else "built"), reasons
 
 
 def state(cfg, name: str, artifacts: Artifacts) -> str:
-    meta = artifacts.meta(name)
-    if meta is None:
-        return "missing"
-    return "built" if meta.get("fingerprint") == current_fingerprint(cfg, name, artifacts) else "stale"
+    return explain(cfg, name, artifacts)[0]
 
 
 def plan(only: str | None = None, start: str | None = None) -> list[str]:
@@ -120,7 +136,8 @@ def run_stage(cfg, name: str, artifacts: Artifacts, force: bool = False) -> dict
                 f"stage '{name}' needs '{parent}', which is not built; "
                 f"run: python -m pipeline run --only {parent}  (or run the whole pipeline)"
             )
-    fp = current_fingerprint(cfg, name, artifacts)
+    parts = current_parts(cfg, name, artifacts)
+    fp = fingerprint(name, parts)
     meta = artifacts.meta(name)
     if not force and meta is not None and meta.get("fingerprint") == fp:
         log.info("%-8s up to date (%s)", name, fp)
@@ -146,7 +163,7 @@ def run_stage(cfg, name: str, artifacts: Artifacts, force: bool = False) -> dict
             metrics = module.run(getattr(cfg, name), ctx) or {}
             seconds = round(time.time() - started, 2)
             artifacts.write_meta(out_dir, {
-                "stage": name, "fingerprint": fp, "profile": cfg.profile,
+                "stage": name, "fingerprint": fp, "fingerprint_parts": parts, "profile": cfg.profile,
                 "config": _config_for(cfg, name), "parents": list(module.PARENTS),
                 "metrics": metrics, "seconds": seconds,
             })
@@ -172,13 +189,20 @@ def _short(metrics: dict, n: int = 3) -> str:
 
 
 def status_table(cfg) -> str:
+    """Stage, state, when built, seconds and key metrics; below, why each stale stage is stale."""
     artifacts = Artifacts(cfg.paths.resolve("artifacts"))
     rows = [("stage", "state", "built at", "seconds", "key metrics")]
+    why = []
     for name in REGISTRY:
         meta = artifacts.meta(name) or {}
-        rows.append((name, state(cfg, name, artifacts), meta.get("written_at", "-"),
+        stage_state, reasons = explain(cfg, name, artifacts)
+        rows.append((name, stage_state, meta.get("written_at", "-"),
                      str(meta.get("seconds", "-")), _short(meta.get("metrics", {})) or "-"))
+        if reasons:
+            shown = reasons[:6] + ([f"... {len(reasons) - 6} more"] if len(reasons) > 6 else [])
+            why.append(f"{name} is stale: " + "; ".join(shown))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    return "\n".join(
+    table = "\n".join(
         "  ".join(cell.ljust(w) for cell, w in zip(row[:4], widths)) + "  " + row[4] for row in rows
     )
+    return table + ("\n\n" + "\n".join(why) if why else "")

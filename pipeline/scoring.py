@@ -17,12 +17,17 @@ def reward_scores(model, tokenizer, conversations: list[list[dict]], batch_size:
 
 
 def answer_logprobs(model, tokenizer, prompts: list[list[dict]], answers: list[str],
-                    batch_size: int = 8) -> list[float]:
-    """Sum of log p(answer tokens | prompt) under ``model``, teacher-forced; one per answer."""
+                    batch_size: int = 8, desc: str | None = None) -> list[float]:
+    """Sum of log p(answer tokens | prompt) under ``model``, teacher-forced; one per answer.
+
+    Rows are left-padded with explicit position ids, so every answer ends at the last
+    position and the vocabulary projection runs only over the answer positions."""
     import torch
+    from tqdm.auto import tqdm
 
     totals: list[float] = []
-    for start in range(0, len(prompts), batch_size):
+    starts = range(0, len(prompts), batch_size)
+    for start in tqdm(starts, desc=desc, unit="batch", disable=desc is None):
         rows = []
         for prompt, answer in zip(prompts[start:start + batch_size], answers[start:start + batch_size]):
             head = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
@@ -30,20 +35,24 @@ def answer_logprobs(model, tokenizer, prompts: list[list[dict]], answers: list[s
             answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
             rows.append((head_ids, answer_ids))
         width = max(len(h) + len(a) for h, a in rows)
-        pad = tokenizer.pad_token_id
+        keep = max(len(a) for _, a in rows) + 1
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         ids = torch.full((len(rows), width), pad)
         attention = torch.zeros((len(rows), width), dtype=torch.long)
         answer_mask = torch.zeros((len(rows), width))
         for i, (head_ids, answer_ids) in enumerate(rows):
             seq = head_ids + answer_ids
-            ids[i, :len(seq)] = torch.tensor(seq)
-            attention[i, :len(seq)] = 1
-            answer_mask[i, len(head_ids):len(seq)] = 1
-        ids, attention, answer_mask = ids.to(model.device), attention.to(model.device), answer_mask.to(model.device)
+            ids[i, width - len(seq):] = torch.tensor(seq)
+            attention[i, width - len(seq):] = 1
+            answer_mask[i, width - len(answer_ids):] = 1
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        ids, attention, positions = ids.to(model.device), attention.to(model.device), positions.to(model.device)
         with torch.inference_mode():
-            logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
-        logp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-        totals += (logp * answer_mask[:, 1:]).sum(1).tolist()
+            logits = model(input_ids=ids, attention_mask=attention, position_ids=positions,
+                           logits_to_keep=keep).logits[:, :-1].float()
+        targets = ids[:, width - keep + 1:]
+        logp = torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        totals += (logp * answer_mask[:, width - keep + 1:].to(logp.device)).sum(1).tolist()
     return totals
 
 

@@ -139,3 +139,8 @@ def finite(value) -> float | None:
 
 def write_history(log_history: list[dict], path: Path) -> None:
     path.write_text("\n".join(json.dumps(row) for row in log_history) + "\n")
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The JSON rows of a .jsonl file the dataset stage wrote."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

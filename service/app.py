@@ -153,7 +153,7 @@ def build_ui(engine: Engine, default_variant: str = "base", library=None, feedba
                         temperature = gr.Slider(0.0, 1.5, 0.0, step=0.05, label="Temperature (0 = greedy)")
                         top_p = gr.Slider(0.1, 1.0, 0.9, step=0.05, label="Top-p")
                         max_new = gr.Slider(16, 512, 160, step=16, label="Max new tokens")
-                        repetition = gr.Slider(1.0, 2.0, 1.1, step=0.05, label="Repetition penalty")
+                        repetition = gr.Slider(1.0, 2.0, 1.0, step=0.05, label="Repetition penalty (1 = off: lets the answer copy the passages)")
                     sources = gr.Markdown("_Sources appear here._", elem_id="sources")
             inputs = [message, chatbot, answered, variant, use_retrieval, temperature, top_p, max_new,
                       repetition]
@@ -201,12 +201,25 @@ def auth_from_env() -> tuple[str, str] | None:
     return user, password
 
 
+def api_key_from_env() -> str | None:
+    """The bearer key for /v1: ALIGNRAG_API_KEY, else the password of ALIGNRAG_AUTH (one
+    credential for the UI and the API), else None (no auth)."""
+    key = os.environ.get("ALIGNRAG_API_KEY", "").strip()
+    if key:
+        return key
+    login = auth_from_env()
+    return login[1] if login else None
+
+
 def build_app(engine: Engine, default_variant: str = "base", library=None, feedback=None):
     from fastapi import FastAPI
 
-    from service.openai_api import build_router
+    from service.openai_api import build_router, install_error_handlers
 
-    api = FastAPI(title="alignrag")
-    api.include_router(build_router(engine))
+    api_key = api_key_from_env()
+    docs = {} if api_key is None else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    api = FastAPI(title="alignrag", **docs)
+    install_error_handlers(api)
+    api.include_router(build_router(engine, api_key))
     demo = build_ui(engine, default_variant, library, feedback).queue(default_concurrency_limit=1, max_size=32)
     return gr.mount_gradio_app(api, demo, path="", auth=auth_from_env())

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
 from pipeline.artifacts import Artifacts
 from pipeline.errors import UserError
-from pipeline.prompt import build_messages, fit_history, retrieval_query
+from pipeline.prompt import REFUSAL, build_messages, fit_history, retrieval_query
 from pipeline.retrieval.settings import RetrievalSettings
 
 log = logging.getLogger("service.engine")
@@ -35,7 +36,10 @@ class GenerationSettings:
     temperature: float = 0.0  # 0 = greedy decoding (reproducible); raise for variety
     top_p: float = 0.9  # nucleus sampling mass, used when temperature > 0
     max_new_tokens: int = 160  # answer length cap, in tokens
-    repetition_penalty: float = 1.1  # >1 discourages repeating tokens
+    # 1.0 = off. transformers applies it to the prompt's tokens too, so anything above 1
+    # penalises copying the passage's words, which is how a 135M model answers best.
+    repetition_penalty: float = 1.0
+    deadline_seconds: float = 120.0  # generation stops here even if the client still waits
 
 
 @dataclass
@@ -174,20 +178,46 @@ class Engine:
             raise UserError(f"the remote server {self.remote_url} failed: {err}") from None
         yield Reply(text, passages, variant, 0, len(text.split()))
 
+    def refusal_threshold(self, variant: str) -> float | None:
+        """The answer-or-refuse threshold the variant's stage chose on the dev split."""
+        from pipeline.answerability import threshold_of
+
+        return None if variant == "base" or self.remote_url else threshold_of(self.artifacts, variant)
+
     def _generate(self, messages, passages, tokenizer, model, variant, settings):
         import torch
-        from transformers import TextIteratorStreamer
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+        from pipeline.generation import refusal_scores, refusal_word_ids
 
         batch = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                               return_tensors="pt", return_dict=True)
+        prompt_tokens = int(batch["input_ids"].shape[1])
+        threshold = self.refusal_threshold(variant)
+        extra = {}
+        if threshold is not None:  # decide, then answer (pipeline/generation.py)
+            if refusal_scores(model, tokenizer, [messages])[0] > threshold:
+                yield Reply(REFUSAL, passages, variant, prompt_tokens,
+                            len(tokenizer(REFUSAL, add_special_tokens=False)["input_ids"]))
+                return
+            extra["bad_words_ids"] = refusal_word_ids(tokenizer)
         streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
         sampling = settings.temperature > 0
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         kwargs = dict(**batch, streamer=streamer, max_new_tokens=settings.max_new_tokens,
                       do_sample=sampling, repetition_penalty=settings.repetition_penalty,
-                      pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+                      pad_token_id=pad, **extra)
         if sampling:
             kwargs.update(temperature=settings.temperature, top_p=settings.top_p)
         failure: list[BaseException] = []
+        stop = threading.Event()  # set when nobody waits any more: the generate loop ends
+
+        class StopWhenAbandoned(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return stop.is_set() or time.monotonic() > deadline
+
+        deadline = time.monotonic() + settings.deadline_seconds
+        kwargs["stopping_criteria"] = StoppingCriteriaList([StopWhenAbandoned()])
 
         def work():
             try:
@@ -200,14 +230,17 @@ class Engine:
         thread = threading.Thread(target=work, daemon=True)
         thread.start()
         text = ""
-        for piece in streamer:
-            text += piece
-            yield Reply(text, passages, variant)
-        thread.join()
+        try:
+            for piece in streamer:
+                text += piece
+                yield Reply(text, passages, variant)
+        finally:  # the caller stopped reading (a dropped stream): end generation within a step
+            stop.set()
+            thread.join()
         if failure:
             raise RuntimeError(f"generation failed: {failure[0]}") from failure[0]
         completion = len(tokenizer(text, add_special_tokens=False)["input_ids"])
-        yield Reply(text, passages, variant, int(batch["input_ids"].shape[1]), completion)
+        yield Reply(text, passages, variant, prompt_tokens, completion)
 
     def answer(self, question: str, **kwargs) -> Reply:
         reply = Reply("")

@@ -63,13 +63,49 @@ def test_dataset_builds_grounded_sets(workspace):
     sft_val = [json.loads(line) for line in (folder / "sft_val.jsonl").read_text().splitlines()]
     assert {r["id"].removesuffix("-drill") for r in sft + sft_val} == {r["id"] for r in QA}
     by_id = {r["id"]: r for r in sft + sft_val}
-    assert by_id["adam-0"]["completion"][0]["content"].startswith("Diederik Kingma and Jimmy Ba [")
+    # evidence-first: the gold passage's own sentence, copied, with its number
+    adam = by_id["adam-0"]["completion"][0]["content"]
+    assert adam.startswith("Adam was proposed by Diederik Kingma and Jimmy Ba in 2014 [") and adam.endswith("].")
+    number = int(adam.split("[")[1].split("]")[0])
+    assert f"[{number}] (Adam" in by_id["adam-0"]["prompt"][-1]["content"]
     assert by_id["none-0"]["completion"][0]["content"] == "The provided documents do not contain the answer."
-    assert "Passages:\n[1] (" in by_id["adam-0"]["prompt"][-1]["content"]
+    # every prompt, refusals included, shows all k = 2 passages: no shortcut serving never has
+    assert all(r["prompt"][-1]["content"].count("\n[2] (") == 1 for r in sft + sft_val)
     prefs = [json.loads(line) for line in (folder / "prefs.jsonl").read_text().splitlines()]
     assert all(p["chosen"] != p["rejected"] for p in prefs)
+    kinds = [p["kind"] for p in prefs]
+    assert kinds.count("false_refusal") == kinds.count("invented_answer") > 0, kinds  # balanced
     meta = json.loads((folder / "meta.json").read_text())["metrics"]
-    assert meta["records"] == len(QA) and sum(meta["rejection_kinds"].values()) == meta["prefs_rows"] + meta["prefs_val_rows"]
+    assert meta["records"] == len(QA) and sum(meta["pair_kinds"].values()) == meta["prefs_rows"]
+
+
+def test_evidence_answer_copies_the_fewest_sentences_holding_every_fact():
+    from pipeline.stages.dataset import evidence_answer
+
+    shown = "Adam adapts step sizes. It was proposed by Kingma and Ba. They published it in 2014. It is popular."
+    assert evidence_answer(shown, [["Kingma"]]) == "It was proposed by Kingma and Ba."
+    assert evidence_answer(shown, [["Kingma"], ["2014"]]) == (
+        "It was proposed by Kingma and Ba. They published it in 2014.")
+    assert evidence_answer(shown, [["Kingma"], ["2014"]], max_sentences=1) is None
+    assert evidence_answer(shown, [["Hinton"]]) is None
+
+
+def test_hard_negatives_keep_k_passages_from_other_documents():
+    from types import SimpleNamespace
+
+    from pipeline.stages.dataset import hard_negatives
+
+    def passage(doc, text):
+        return SimpleNamespace(doc_id=doc, text=text)
+
+    found = [passage("adam.md", "Kingma and Ba."), passage("sgd.md", "SGD steps."),
+             passage("adam.md", "Adam defaults."), passage("rms.md", "RMSProp, Kingma cited."),
+             passage("mom.md", "Momentum."), passage("lr.md", "Schedules.")]
+    retriever = SimpleNamespace(search=lambda query, k: found[:k])
+    record = SimpleNamespace(question="Who proposed Adam?", history=[], doc="adam.md", facts=[["Kingma"]])
+    negatives = hard_negatives(record, retriever, 3, 6)
+    assert [p.doc_id for p in negatives] == ["sgd.md", "mom.md", "lr.md"]  # rms.md holds the fact
+    assert hard_negatives(record, retriever, 4, 6) is None  # too few: no drill with fewer passages
 
 
 def test_refusal_cap_keeps_answers_and_bounds_the_share():
@@ -188,9 +224,8 @@ def test_dpo_stage_trains_a_new_adapter_on_sft(workspace):
                                   f"dpo.extra_prefs={root / 'feedback.jsonl'}"), only="dpo")["dpo"]
     assert metrics["adapter_chain"] == ["sft", "dpo"] and metrics["steps"] == 2
     assert metrics["train_pairs"] == train_rows + 1, "exported chat feedback joins the DPO pairs"
-    held_out = (root / "artifacts/dataset/prefs_val.jsonl").read_text().strip()
-    if held_out:
-        assert 0.0 <= metrics["held_out_accuracy"] <= 1.0
-    else:
-        assert metrics["held_out_accuracy"] is None
-    assert (root / "artifacts/dpo/adapter/adapter_model.safetensors").exists()
+    from safetensors.torch import load_file
+
+    adapter = load_file(root / "artifacts/dpo/adapter/adapter_model.safetensors")
+    assert all(t.abs().sum() > 0 for n, t in adapter.items() if "lora_B" in n), "B starts at 0: it must move"
+    assert metrics["refusal_threshold"] is not None and 0 <= metrics["dev_abstention"] <= 1

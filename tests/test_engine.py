@@ -118,3 +118,35 @@ def test_empty_and_overlong_messages(engine):
     assert engine.answer("   ").text == EMPTY_MESSAGE_REPLY
     with pytest.raises(MessageTooLong, match=f"limit is {MAX_MESSAGE_CHARS}"):
         engine.answer("x" * (MAX_MESSAGE_CHARS + 1))
+
+
+def test_a_dropped_stream_stops_generation_within_a_step(engine):
+    """Closing the reply stream (a client hung up) ends generate() at the next decode step
+    and frees the generation slot: far fewer forward passes than the 400 asked for."""
+    model, _ = engine.model("base")
+    calls = []
+    handle = model.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        stream = engine.stream("Who proposed Adam?", settings=GenerationSettings(max_new_tokens=400))
+        for _, _reply in zip(range(3), stream):
+            pass
+        stream.close()
+        steps_at_close = len(calls)
+        assert engine._slots.acquire(blocking=False), "the slot must be free once the stream closed"
+        engine._slots.release()
+        assert len(calls) <= steps_at_close + 1 and len(calls) < 50, len(calls)
+    finally:
+        handle.remove()
+
+
+def test_decide_then_answer_uses_the_variant_threshold(engine, monkeypatch):
+    """Above the dev-split threshold the engine refuses without generating; below it, it
+    answers with the refusal's words banned."""
+    from pipeline.prompt import REFUSAL
+
+    monkeypatch.setattr(engine, "refusal_threshold", lambda variant: -1e9)  # always above: refuse
+    reply = engine.answer("Who proposed Adam?", variant="sft", settings=SHORT)
+    assert reply.text == REFUSAL and reply.passages and reply.completion_tokens > 0
+    monkeypatch.setattr(engine, "refusal_threshold", lambda variant: 1e9)  # never above: answer
+    reply = engine.answer("Who proposed Adam?", variant="sft", settings=SHORT)
+    assert reply.text != REFUSAL and "do not contain the answer" not in reply.text

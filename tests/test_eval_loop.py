@@ -1,13 +1,17 @@
-"""The evaluation loop on a tiny model: every configured row, the int8 rows and their cost,
-the extractive baseline, and the written report."""
+"""The evaluation loop on a tiny model (rows, the answer-or-refuse decision) and the report's
+numbers worked out by hand from hand-written answers."""
 from __future__ import annotations
 
 import json
 
+import pytest
+
 from pipeline.artifacts import Artifacts
 from pipeline.data.records import QARecord
-from pipeline.evaluation.loop import EvalSettings, evaluate
-from pipeline.evaluation.report import sign_test, write_report
+from pipeline.evaluation.loop import EvalSettings, Run, evaluate, score_rows
+from pipeline.evaluation.report import write_report
+from pipeline.evaluation.stats import sign_test
+from pipeline.prompt import REFUSAL
 from pipeline.retrieval.retriever import Retriever
 
 RECORDS = [
@@ -17,42 +21,68 @@ RECORDS = [
 ]
 
 
-def test_evaluate_scores_every_row_and_the_int8_cost(served_artifacts, tmp_path):
+def test_evaluate_scores_every_row_and_applies_the_refusal_threshold(served_artifacts, tmp_path):
     artifacts = Artifacts(served_artifacts)
     retriever = Retriever(artifacts.require("index"))
-    settings = EvalSettings(max_new_tokens=6, batch_size=3, numeric_path_variants=["sft"])
-    runs = evaluate(artifacts, RECORDS, retriever, settings, ["Adam uses beta1 = 0.9."])
-    names = [run.name for run in runs]
-    assert names == ["extractive / sentence / rag", "base / template / rag", "base / template / no-rag",
-                     "base / plain / rag", "sft / template / rag", "sft / template / no-rag",
-                     "sft / template / rag / bf16", "sft / template / rag / int8",
-                     "sft / template / rag / int8-decode"]
-    extractive = runs[0]
+    sft_meta = artifacts.dir("sft") / "meta.json"
+    saved = sft_meta.read_text()
+    meta = json.loads(saved)
+    meta["metrics"]["refusal_threshold"] = -1e9  # every refusal score is above it: sft refuses all
+    sft_meta.write_text(json.dumps(meta))
+    try:
+        settings = EvalSettings(max_new_tokens=6, batch_size=3, numeric_paths=["int8-decode"],
+                                numeric_path_variants=["sft"])
+        runs = evaluate(artifacts, RECORDS, retriever, settings, ["Adam uses beta1 = 0.9."])
+    finally:
+        sft_meta.write_text(saved)
+    assert [run.name for run in runs] == ["extractive / sentence / rag", "base / template / rag",
+                                          "sft / template / rag", "sft / template / rag / int8-decode"]
+    extractive, base, sft, _ = runs
     assert extractive.answers[0] == "Adam was proposed by Diederik Kingma and Jimmy Ba in 2014. [1]"
     assert extractive.rows[0]["fact_hit"] and extractive.rows[2]["abstained"] is False  # never abstains
-    assert all(len(run.answers) == len(RECORDS) for run in runs)
-    assert "kl_to_sft" in runs[4].extra and "perplexity" in runs[4].extra  # fp32 template rows only
-    assert "kl_to_sft" not in runs[-1].extra
+    assert sft.answers == [REFUSAL] * 3 and sft.rows[2]["abstained"] and sft.rows[0]["refused"]
+    assert REFUSAL not in base.answers  # base has no threshold: it just generates
+    assert "perplexity" in sft.extra
 
-    report = write_report(runs, RECORDS, [tmp_path], "# header", examples=2)
-    bf16, cost, decode = report["fast_path_costs"]
-    assert decode["numeric"] == "int8-decode"
-    assert (bf16["numeric"], cost["variant"], cost["numeric"]) == ("bf16", "sft", "int8") and cost["speedup"] > 0
-    summaries = {(s["variant"], s["numeric"]): s for s in report["runs"] if s["layout"] == "template" and s["retrieval"]}
-    expected = 100 * (summaries[("sft", "int8")]["key_fact_accuracy"] - summaries[("sft", "fp32")]["key_fact_accuracy"])
-    assert cost["key_fact_points"] == round(expected, 1)
-    fp32_answers, int8_answers = runs[4].answers, runs[7].answers
-    assert cost["same_answers"] == round(sum(a == b for a, b in zip(int8_answers, fp32_answers)) / 3, 3)
-    hits = [(f["fact_hit"], q["fact_hit"]) for f, q in zip(runs[4].rows, runs[7].rows) if f["answerable"]]
-    assert (cost["questions_lost"], cost["questions_gained"]) == (
-        sum(f and not q for f, q in hits), sum(q and not f for f, q in hits))
+
+def _run(variant: str, answers: list[str], records, passages) -> Run:
+    run = Run(variant, "template" if variant != "extractive" else "sentence", True)
+    run.answers = answers
+    score_rows(run, records, passages)
+    return run
+
+
+def test_report_numbers_by_hand(tmp_path):
+    from types import SimpleNamespace
+
+    records = [QARecord(f"q{i}", f"question {i}?", f"fact{i}.", "d.md", [[f"fact{i}"]]) for i in range(10)]
+    records += [QARecord("u", "unanswerable?", None, None, [])]
+    passages = [[SimpleNamespace(text=f"fact{i} is here.", title="t", headers="t")] for i in range(11)]
+    hit = [f"It is fact{i} [1]." for i in range(10)]
+    runs = [
+        _run("base", ["No idea."] * 10 + ["Something."], records, passages),
+        _run("sft", hit[:8] + ["wrong [1]."] * 2 + [REFUSAL], records, passages),
+        _run("dpo", hit[:9] + [REFUSAL, REFUSAL], records, passages),
+    ]
+    report = write_report(runs, records, [tmp_path], "# header", examples=2)
+    summary = {s["variant"]: s for s in report["runs"]}
+    assert summary["sft"]["key_fact_accuracy"] == 0.8 and summary["dpo"]["key_fact_accuracy"] == 0.9
+    assert summary["dpo"]["false_refusal_rate"] == 0.1 and summary["dpo"]["abstention_accuracy"] == 1.0
+    assert summary["sft"]["answer_accuracy"] == round(9 / 11, 4) and summary["base"]["answer_accuracy"] == 0.0
+    pairs = {(c["variant"], c["against"]): c for c in report["comparisons"]}
+    sft_vs_base = pairs[("sft", "base")]
+    assert sft_vs_base["key_fact"]["difference"] == 0.8 and sft_vs_base["questions_gained"] == 8
+    assert sft_vs_base["key_fact"]["low"] > 0, "8 of 10 gained, none lost: the interval excludes 0"
+    dpo_vs_sft = pairs[("dpo", "sft")]
+    assert (dpo_vs_sft["questions_gained"], dpo_vs_sft["questions_lost"]) == (1, 0)
+    assert dpo_vs_sft["key_fact"]["low"] <= 0 <= dpo_vs_sft["key_fact"]["high"], "one question proves nothing"
+    assert ("base", "base") not in pairs
     markdown = (tmp_path / "eval.md").read_text()
-    assert "| sft | template | on | int8 |" in markdown and "Fast numeric paths against fp32" in markdown
-    assert json.loads((tmp_path / "eval.json").read_text())["questions"] == 3
+    assert "| sft | base | +80.0 [" in markdown
 
 
 def test_sign_test_by_hand():
     assert sign_test(4, 0) == 0.125  # 2 * (1/2)**4
     assert sign_test(0, 4) == 0.125
     assert sign_test(3, 3) == 1.0 and sign_test(0, 0) == 1.0
-    assert sign_test(5, 1) == round(2 * (1 + 6) / 64, 3)  # P(X <= 1) of Binomial(6, 1/2), twice
+    assert sign_test(5, 1) == pytest.approx(round(2 * (1 + 6) / 64, 3))  # P(X <= 1) of Binomial(6, 1/2), twice

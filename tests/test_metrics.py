@@ -35,6 +35,47 @@ def test_key_facts_need_every_fact_and_allow_alternatives():
     assert not key_facts_hit("anything", [])
 
 
+def test_facts_match_on_word_boundaries():
+    assert not contains_fact("It is not clear.", ["no"])  # "no" inside "not"
+    assert contains_fact("No, never.", ["no"])
+    assert not contains_fact("about 180 steps", ["18"]) and contains_fact("about 18 steps", ["18"])
+    assert not contains_fact("published in 2014", ["4"])
+    assert not contains_fact("the batch size", ["Ba"]) and contains_fact("Jimmy Ba and", ["Ba"])
+    assert not contains_fact("p = 0.55", ["0.5"]) and contains_fact("p = 0.5.", ["0.5"])
+    assert contains_fact("a regularising effect", ["regularis"])  # long alphabetic facts are stems
+    assert not contains_fact("deregularised", ["regularis"])  # ... that still start a word
+
+
+# Answers that game a substring metric. Each must score 0 on the facts it would once have hit.
+GAMING = {
+    "bare citation": ("See [1].", [["1"]]),
+    "'no' inside 'not'": ("Not really, it depends on the data [1].", [["no"]]),
+    "short fact inside a year": ("It appeared in 2014 [1].", [["4"]]),
+    "short fact inside a word": ("The batch matters [1].", [["Ba"]]),
+    "number inside a longer number": ("About 180 [2].", [["18"]]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(GAMING))
+def test_gaming_answers_score_zero(case):
+    answer, facts = GAMING[case]
+    assert not key_facts_hit(answer, facts), case
+
+
+def test_keyword_stuffing_and_pasted_passages_get_no_credit():
+    from pipeline.evaluation.metrics import MAX_ANSWER_WORDS
+
+    facts = [["Kingma"], ["2014"]]
+    stuffed = " ".join(["Kingma 2014 Adam dropout PPO DPO LoRA BM25 faiss 0.9 0.5 1 2 3 4 5"] * 5)
+    assert len(stuffed.split()) > MAX_ANSWER_WORDS and not key_facts_hit(stuffed, facts)
+    passage = ("Adam was proposed by Diederik Kingma and Jimmy Ba in 2014. " + "It adapts step sizes. " * 30)
+    assert not key_facts_hit(passage + " [1]", facts)
+    assert key_facts_hit("Adam was proposed by Diederik Kingma and Jimmy Ba in 2014 [1].", facts)
+    # the cap counts words, not citation markers
+    exact = " ".join(["word"] * (MAX_ANSWER_WORDS - 2) + ["Kingma", "2014"]) + " [1] [2] [3]"
+    assert key_facts_hit(exact, facts)
+
+
 def test_citation_precision():
     passages = [_p("Adam uses beta1 = 0.9."), _p("Dropout zeroes units.")]
     facts = [["0.9"]]

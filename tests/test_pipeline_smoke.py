@@ -27,16 +27,17 @@ def test_tiny_profile_end_to_end(tmp_path):
     ppo = artifacts.meta("ppo")["metrics"]
     assert ppo["adapter_chain"] == ["sft", "ppo"] and ppo["steps"] == cfg.ppo.train.steps
     reward = artifacts.meta("reward")["metrics"]
-    assert 0.0 <= reward["held_out_accuracy"] <= 1.0
+    assert reward["held_out_pairs"] > 0 and reward["held_out_accuracy"] is not None
+    assert sft["refusal_threshold"] is not None  # chosen on the dev split
 
     report = json.loads((tmp_path / "reports/eval.json").read_text())
     runs = {(r["variant"], r["layout"], r["retrieval"]) for r in report["runs"]}
-    assert {("base", "template", True), ("base", "plain", True), ("sft", "template", True),
-            ("dpo", "template", True), ("ppo", "template", True), ("base", "template", False),
-            ("extractive", "sentence", True)} <= runs
+    assert runs == {("base", "template", True), ("sft", "template", True), ("dpo", "template", True),
+                    ("ppo", "template", True), ("extractive", "sentence", True)}
     assert all(r["key_fact_accuracy"] is not None for r in report["runs"])
-    assert {(c["variant"], c["numeric"]) for c in report["fast_path_costs"]} == {
-        (variant, path) for variant in ("sft", "dpo", "ppo") for path in ("bf16", "int8", "int8-decode")}
+    assert report["questions"] == cfg.eval.max_questions and report["fast_path_costs"] == []
+    compared = {(c["variant"], c["against"]) for c in report["comparisons"]}
+    assert {("sft", "base"), ("dpo", "sft"), ("ppo", "sft"), ("dpo", "extractive")} <= compared
     retrieval = json.loads((tmp_path / "reports/retrieval.json").read_text())
     assert set(retrieval["modes"]) == {"dense", "bm25", "hybrid"}
     for name in ("eval.md", "eval.png", "sft_loss.png", "reward_margins.png", "dpo_curves.png", "ppo_curves.png"):

@@ -94,7 +94,6 @@ def test_parent_change_reruns_child(tiny_config, monkeypatch):
     calls = []
     child = _child_module(calls)
     monkeypatch.setitem(REGISTRY, "child", child)
-    monkeypatch.setattr(runner, "_code_digest", lambda module: "fixed")
     cfg = tiny_config()
     cfg.child = _ChildConfig()
 

@@ -95,8 +95,45 @@ def test_chat_completion_streams_server_sent_events(server):
     chunks = [json.loads(e) for e in events[:-1]]
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
     assert chunks[0]["sources"][0]["doc_id"] == "dropout.md"
-    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert [c["choices"][0]["finish_reason"] for c in chunks].count(None) == len(chunks) - 1
     assert len(chunks) >= 4, "tokens must arrive in several chunks"
+
+
+def test_finish_reason_says_length_when_the_cap_was_reached(server):
+    body = httpx.post(f"{server}/v1/chat/completions", timeout=60, json={
+        "max_tokens": 3, "messages": [{"role": "user", "content": "Tell me about dropout"}]}).json()
+    usage, choice = body["usage"], body["choices"][0]
+    assert choice["finish_reason"] == ("length" if usage["completion_tokens"] >= 3 else "stop")
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"max_tokens": 0}, "max_tokens"), ({"max_tokens": 100_000}, "max_tokens"),
+    ({"temperature": -1}, "temperature"), ({"temperature": "hot"}, "temperature"),
+    ({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p"),
+    ({"messages": [{"role": "user", "content": "x" * 9000}] * 2}, "messages"),
+    ({"messages": [{"role": "user", "content": "hi"}] * 65}, "messages"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]}, "messages.0.content"),
+])
+def test_invalid_fields_get_an_openai_shaped_400_naming_the_field(server, body, param):
+    request = {"messages": [{"role": "user", "content": "hi"}], **body}
+    response = httpx.post(f"{server}/v1/chat/completions", timeout=60, json=request)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"].startswith(param), error
+    assert param.split(".")[0] in error["message"]
+
+
+def test_malformed_json_and_content_parts(server):
+    broken = httpx.post(f"{server}/v1/chat/completions", content=b'{"messages": [', timeout=30,
+                        headers={"content-type": "application/json"})
+    assert broken.status_code == 400 and "not valid JSON" in broken.json()["error"]["message"]
+    parts = httpx.post(f"{server}/v1/chat/completions", timeout=60, json={
+        "max_tokens": 4, "messages": [{"role": "user", "content": [{"type": "text", "text": "Who proposed "},
+                                                                    {"type": "text", "text": "Adam?"}]}]})
+    assert parts.status_code == 200 and parts.json()["sources"][0]["doc_id"] == "adam.md"
+    assert httpx.get(f"{server}/v1/models").status_code == 200
 
 
 def test_bad_requests_get_clear_errors_and_the_server_survives(server):

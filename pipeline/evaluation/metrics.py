@@ -1,20 +1,35 @@
 """Answer metrics as pure functions. Every one is tested on hand-made cases."""
 from __future__ import annotations
 
-import math
+import statistics
 from collections import Counter
+from functools import lru_cache
 
 from pipeline.data.normalize import contains_fact, normalize
-from pipeline.prompt import cited_numbers, is_refusal
+from pipeline.prompt import cited_numbers, is_refusal, strip_citations
+
+
+# An answer longer than this gets no key-fact credit: pasting whole passages, or a list of
+# likely facts, must not score (the extractive baseline's sentences average ~24 words).
+MAX_ANSWER_WORDS = 60
 
 
 def tokens(text: str) -> list[str]:
     return normalize(text).split()
 
 
-def key_facts_hit(answer: str, facts: list[list[str]]) -> bool:
-    """All facts present (any alternative spelling, after normalisation). No facts: False."""
-    return bool(facts) and all(contains_fact(answer, fact) for fact in facts)
+def answer_words(answer: str) -> int:
+    """Words in an answer, citation markers like [1] not counted."""
+    return len(strip_citations(answer).split())
+
+
+def key_facts_hit(answer: str, facts: list[list[str]], max_words: int = MAX_ANSWER_WORDS) -> bool:
+    """All facts present on word boundaries (any alternative spelling), citations ignored, and
+    the answer at most ``max_words`` long. No facts: False."""
+    body = strip_citations(answer)
+    if not facts or len(body.split()) > max_words:
+        return False
+    return all(contains_fact(body, fact) for fact in facts)
 
 
 def citation_precision(answer: str, passages: list, facts: list[list[str]]) -> float | None:
@@ -31,8 +46,8 @@ def citation_precision(answer: str, passages: list, facts: list[list[str]]) -> f
 
 
 def token_f1(prediction: str, reference: str) -> float:
-    """SQuAD-style bag-of-tokens F1. Both empty: 1.0; one empty: 0.0."""
-    pred, ref = tokens(prediction), tokens(reference)
+    """SQuAD-style bag-of-tokens F1 (citations ignored). Both empty: 1.0; one empty: 0.0."""
+    pred, ref = tokens(strip_citations(prediction)), tokens(reference)
     if not pred or not ref:
         return float(pred == ref)
     common = sum((Counter(pred) & Counter(ref)).values())
@@ -42,46 +57,30 @@ def token_f1(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def _lcs(a: list[str], b: list[str]) -> int:
-    previous = [0] * (len(b) + 1)
-    for x in a:
-        current = [0]
-        for j, y in enumerate(b, 1):
-            current.append(previous[j - 1] + 1 if x == y else max(previous[j], current[j - 1]))
-        previous = current
-    return previous[-1]
+@lru_cache(maxsize=1)
+def _rouge_scorer():
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"])
 
 
 def rouge_l(prediction: str, reference: str) -> float:
-    """ROUGE-L F-measure (Lin 2004) from the longest common subsequence of tokens."""
-    pred, ref = tokens(prediction), tokens(reference)
+    """ROUGE-L F-measure (Lin 2004), Google's rouge-score package, on normalised tokens."""
+    pred, ref = " ".join(tokens(strip_citations(prediction))), " ".join(tokens(reference))
     if not pred or not ref:
         return float(pred == ref)
-    lcs = _lcs(pred, ref)
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(pred), lcs / len(ref)
-    return 2 * precision * recall / (precision + recall)
+    return _rouge_scorer().score(ref, pred)["rougeL"].fmeasure
 
 
-def bleu(prediction: str, reference: str, max_n: int = 4) -> float:
-    """Sentence BLEU (Papineni et al. 2002): clipped n-gram precisions, geometric mean,
-    brevity penalty; add-one smoothing for n > 1 so a short answer is not zeroed outright."""
-    pred, ref = tokens(prediction), tokens(reference)
+def bleu(prediction: str, reference: str) -> float:
+    """Sentence BLEU in [0, 1] from sacreBLEU (13a tokenizer, exponential smoothing, 4-grams)
+    on normalised text; signature: nrefs:1|case:lc|eff:no|tok:13a|smooth:exp."""
+    from sacrebleu.metrics import BLEU
+
+    pred, ref = " ".join(tokens(strip_citations(prediction))), " ".join(tokens(reference))
     if not pred or not ref:
         return 0.0
-    log_precision = 0.0
-    for n in range(1, max_n + 1):
-        pred_ngrams = Counter(tuple(pred[i:i + n]) for i in range(len(pred) - n + 1))
-        ref_ngrams = Counter(tuple(ref[i:i + n]) for i in range(len(ref) - n + 1))
-        matches = sum((pred_ngrams & ref_ngrams).values())
-        total = max(1, sum(pred_ngrams.values()))
-        if n == 1 and matches == 0:
-            return 0.0
-        smooth = 0 if n == 1 else 1
-        log_precision += math.log((matches + smooth) / (total + smooth)) / max_n
-    brevity = 1.0 if len(pred) > len(ref) else math.exp(1 - len(ref) / len(pred))
-    return brevity * math.exp(log_precision)
+    return BLEU(effective_order=False, smooth_method="exp").sentence_score(pred, [ref]).score / 100
 
 
 def repetition_rate(answer: str, n: int = 3) -> float:
@@ -94,7 +93,7 @@ def repetition_rate(answer: str, n: int = 3) -> float:
 def score_answer(answer: str, record, passages: list) -> dict:
     """Every per-answer metric for one QA record (answerable or not)."""
     refused = is_refusal(answer)
-    row = {"refused": refused, "words": len(answer.split()), "repetition": repetition_rate(answer)}
+    row = {"refused": refused, "words": answer_words(answer), "repetition": repetition_rate(answer)}
     if record.answerable:
         row.update(answerable=True, fact_hit=key_facts_hit(answer, record.facts) and not refused,
                    citation_precision=citation_precision(answer, passages, record.facts),
@@ -103,6 +102,11 @@ def score_answer(answer: str, record, passages: list) -> dict:
     else:
         row.update(answerable=False, abstained=refused)
     return row
+
+
+def correct(row: dict) -> bool:
+    """Right on this question: the facts when it is answerable, a refusal when it is not."""
+    return bool(row["fact_hit"]) if row["answerable"] else bool(row["abstained"])
 
 
 def aggregate(rows: list[dict]) -> dict:
@@ -122,5 +126,7 @@ def aggregate(rows: list[dict]) -> dict:
         "cited_share": mean(r["citation_precision"] is not None for r in answerable),
         "token_f1": mean(r["f1"] for r in answerable), "rouge_l": mean(r["rouge_l"] for r in answerable),
         "bleu": mean(r["bleu"] for r in answerable), "mean_words": mean(r["words"] for r in rows),
+        "median_words": float(statistics.median(r["words"] for r in rows)) if rows else None,
+        "answer_accuracy": mean(correct(r) for r in rows),
         "repetition_rate": mean(r["repetition"] for r in rows),
     }

@@ -2,26 +2,25 @@
 from __future__ import annotations
 
 import json
-import math
-import statistics
 from pathlib import Path
 
-from pipeline.evaluation.metrics import aggregate
+from pipeline.evaluation.metrics import aggregate, correct
+from pipeline.evaluation.stats import paired_bootstrap, sign_test
 
-COLUMNS = [("key_fact_accuracy", "key-fact acc"), ("abstention_accuracy", "abstention"),
-           ("false_refusal_rate", "false refusal"), ("citation_precision", "citation prec"),
-           ("token_f1", "F1"), ("rouge_l", "ROUGE-L"), ("bleu", "BLEU"), ("mean_words", "words"),
-           ("repetition_rate", "repetition"), ("reward", "RM score"), ("win_rate_vs_sft", "win vs SFT"),
-           ("kl_to_sft", "KL to SFT"), ("perplexity", "held-out ppl"), ("seconds_per_answer", "s/answer")]
+COLUMNS = [("key_fact_accuracy", "key-fact acc"), ("answer_accuracy", "correct (all)"),
+           ("abstention_accuracy", "abstention"), ("false_refusal_rate", "false refusal"),
+           ("citation_precision", "citation prec"), ("token_f1", "F1"), ("rouge_l", "ROUGE-L"),
+           ("bleu", "BLEU"), ("median_words", "median words"), ("repetition_rate", "repetition"),
+           ("perplexity", "held-out ppl"), ("seconds_per_answer", "s/answer")]
+# Which earlier row each row is compared with, besides base and the extractive baseline.
+PREVIOUS_STAGE = {"sft": "base", "dpo": "sft", "ppo": "sft"}
 
 
 def summarise(run) -> dict:
     summary = {"variant": run.variant, "layout": run.layout, "retrieval": run.retrieval, "numeric": run.numeric,
                **aggregate(run.rows), "seconds_per_answer": round(run.seconds_per_answer, 2)}
-    if "reward_scores" in run.extra:
-        summary["reward"] = round(statistics.fmean(run.extra["reward_scores"]), 4)
-    for key in ("win_rate_vs_sft", "kl_to_sft", "perplexity"):
-        if key in run.extra:
+    for key in ("perplexity", "refusal_threshold"):
+        if run.extra.get(key) is not None:
             summary[key] = round(float(run.extra[key]), 4)
     return summary
 
@@ -57,11 +56,46 @@ def fast_path_costs(runs: list, summaries: list[dict]) -> list[dict]:
     return costs
 
 
-def sign_test(lost: int, gained: int) -> float:
-    """Two-sided exact sign test: the chance of a split at least this uneven if each changed
-    question were a fair coin (1.0 when nothing changed)."""
-    n, k = lost + gained, min(lost, gained)
-    return round(min(1.0, 2 * sum(math.comb(n, j) for j in range(k + 1)) / 2 ** n), 3) if n else 1.0
+def comparisons(runs: list, seed: int = 0) -> list[dict]:
+    """Paired bootstrap 95% intervals of each main row against base, the extractive baseline
+    and its previous stage: key-fact accuracy (answerable questions) and "correct" (all
+    questions: the facts when answerable, a refusal when not)."""
+    main = {run.variant: run for run in runs
+            if run.layout in ("template", "sentence") and run.retrieval and run.numeric == "fp32"}
+    out = []
+    for variant, run in main.items():
+        against = [other for other in ("base", "extractive", PREVIOUS_STAGE.get(variant))
+                   if other and other != variant and other in main]
+        for other in dict.fromkeys(against):
+            reference = main[other]
+            answerable = [(a["fact_hit"], b["fact_hit"]) for a, b in zip(run.rows, reference.rows) if a["answerable"]]
+            overall = [(correct(a), correct(b)) for a, b in zip(run.rows, reference.rows)]
+            out.append({"variant": variant, "against": other,
+                        "key_fact": paired_bootstrap([float(a) for a, _ in answerable],
+                                                     [float(b) for _, b in answerable], seed),
+                        "correct": paired_bootstrap([float(a) for a, _ in overall],
+                                                    [float(b) for _, b in overall], seed),
+                        "questions_gained": sum(a and not b for a, b in answerable),
+                        "questions_lost": sum(b and not a for a, b in answerable)})
+    return out
+
+
+def comparison_lines(items: list[dict]) -> list[str]:
+    if not items:
+        return []
+
+    def interval(c):
+        if c["difference"] is None:
+            return "–"
+        return f"{100 * c['difference']:+.1f} [{100 * c['low']:+.1f}, {100 * c['high']:+.1f}]"
+
+    lines = ["## Paired differences (points, 95% bootstrap interval)", "",
+             "Each row against another on the same questions; an interval that excludes 0 is a "
+             "difference the question sample supports.", "",
+             "| variant | against | key-fact acc | correct (all) | answerable gained / lost |", "|---|---|---|---|---|"]
+    lines += [f"| {c['variant']} | {c['against']} | {interval(c['key_fact'])} | {interval(c['correct'])} | "
+              f"{c['questions_gained']} / {c['questions_lost']} |" for c in items]
+    return lines + [""]
 
 
 def fast_path_lines(costs: list[dict]) -> list[str]:
@@ -77,17 +111,20 @@ def fast_path_lines(costs: list[dict]) -> list[str]:
     return lines + [""]
 
 
-def write_report(runs, records, out_dirs: list[Path], header: str, examples: int) -> dict:
+def write_report(runs, records, out_dirs: list[Path], header: str, examples: int, seed: int = 0) -> dict:
     summaries = [summarise(run) for run in runs]
     costs = fast_path_costs(runs, summaries)
-    report = {"questions": len(records), "runs": summaries, "fast_path_costs": costs, "answers": {
+    paired = comparisons(runs, seed)
+    report = {"questions": len(records), "runs": summaries, "comparisons": paired,
+              "fast_path_costs": costs, "answers": {
         run.name: [{"id": r.id, "answer": a} for r, a in zip(records, run.answers)] for run in runs}}
     lines = [header, "", "| variant | layout | retrieval | numeric | " + " | ".join(l for _, l in COLUMNS) + " |",
              "|---" * (len(COLUMNS) + 4) + "|"]
     for s in summaries:
         lines.append(f"| {s['variant']} | {s['layout']} | {'on' if s['retrieval'] else 'off'} | {s['numeric']} | "
                      + " | ".join(_cell(s.get(k)) for k, _ in COLUMNS) + " |")
-    lines += ["", "![key metrics](eval.png)", ""] + fast_path_lines(costs) + ["## Answers side by side", ""]
+    lines += ["", "![key metrics](eval.png)", ""] + comparison_lines(paired) + fast_path_lines(costs)
+    lines += ["## Answers side by side", ""]
     shown = [r for r in records if r.answerable][: max(0, examples - 1)] + \
             [r for r in records if not r.answerable][:1]
     index = {r.id: i for i, r in enumerate(records)}

@@ -1,5 +1,5 @@
 """The pipeline's stages, in the order they run. One stage, one module."""
-from pipeline.stages import base, dataset, dpo, eval, index, ppo, reward, sft
+from pipeline.stages import base, dataset, dpo, evaluate, index, ppo, reward, sft
 
 REGISTRY = {
     "base": base,
@@ -9,5 +9,5 @@ REGISTRY = {
     "reward": reward,
     "dpo": dpo,
     "ppo": ppo,
-    "eval": eval,
+    "eval": evaluate,
 }

@@ -4,10 +4,22 @@ Reads:  data/qa/train.jsonl (never eval.jsonl, which only the eval stage reads),
         `index` artifact (the real retriever, with the service's `retrieval` settings) and
         the `base` artifact (for on-policy negatives: the base model's own failing answers).
 Writes: artifacts/dataset/ with sft.jsonl (conversational prompt/completion, so TRL puts the
-        loss on the answer only), prefs.jsonl (prompt/chosen/rejected), prompts.jsonl, and
-        sft_val.jsonl, prefs_val.jsonl (a validation slice of train records that no
-        trainer sees, for held-out loss and pairwise accuracy), and meta.json with counts.
+        loss on the answer only), prefs.jsonl (prompt/chosen/rejected/kind), prompts.jsonl,
+        and sft_val.jsonl, prefs_val.jsonl (the dev split: train records that no trainer
+        sees, for held-out loss, pairwise accuracy and the refusal threshold), and meta.json
+        with counts.
 Alone:  python -m pipeline run --only dataset
+
+What the targets teach (docs/architecture.md, "Answering with a 135M model"):
+- Copy, then cite. An answer is the sentence(s) of the gold passage, as the prompt shows it,
+  that hold the record's facts, with the passage's [n]: words the model can copy.
+- Refuse only when the passages are silent. Refusal rows keep all k passages: unanswerable
+  questions keep what the retriever found (near misses by construction), and "drills" take
+  an answerable question and swap its gold passages for the next-best passages from other
+  documents (RAFT, arXiv 2403.10131; hard negatives, arXiv 2403.01461).
+- Pairs of three kinds, balanced: evidence over a failing answer (copied from a wrong
+  passage, another document's fact, the model's own paraphrase), evidence over a refusal on
+  answerable questions, and a refusal over any answer when the passages are silent.
 
 Every prompt is built by pipeline.prompt.build_messages, exactly as the service builds it.
 """
@@ -21,25 +33,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.data.normalize import contains_fact
-from pipeline.prompt import REFUSAL, build_messages, is_refusal, retrieval_query
+from pipeline.prompt import (REFUSAL, build_messages, is_refusal, retrieval_query, shown_text,
+                             split_sentences)
 
 PARENTS = ("base", "index")
 CONFIG_SECTIONS = ("retrieval",)
-REJECTION_KINDS = ("other_document_fact", "ignores_context", "false_refusal", "rambling",
-                   "wrong_citation", "invented_answer", "on_policy")
+ANSWER_KINDS = ("wrong_passage", "other_document_fact", "on_policy")  # evidence beats these
+REFUSAL_KINDS = ("false_refusal",)  # evidence beats a refusal on answerable questions
+ABSTAIN_KINDS = ("invented_answer",)  # a refusal beats these when the passages are silent
 
 
 @dataclass
 class Config:
     max_records: int = 0  # use at most this many train records (0 = all); tiny uses a few
-    validation_share: float = 0.1  # train records held back from every trainer, for val metrics
+    validation_share: float = 0.1  # train records held back from every trainer: the dev split
     insert_gold: bool = True  # put the gold passage in the prompt when retrieval missed it
-    rejected_per_record: int = 2  # preference pairs built from each record
-    refusal_drills: float = 0.15  # share of answerable records also shown without their document
-    # Cap on refusals among the SFT rows (0 = no cap). Without it a third of the rows are
-    # refusals, and a briefly trained model learns refusing as the safe default (measured:
-    # 47% false refusals on held-out answerable questions). Capped rows still become pairs.
-    max_refusal_share: float = 0.2
+    refusal_drills: float = 0.2  # share of answerable records also shown with hard negatives only
+    negative_pool: int = 12  # passages retrieved to find hard negatives for a drill
+    max_refusal_share: float = 0.3  # cap on refusal rows in sft.jsonl (0 = no cap)
+    max_evidence_sentences: int = 2  # an evidence answer copies at most this many sentences
     on_policy_negatives: int = 32  # base-model answers to sample as rejected (0 = off; slow on CPU)
     on_policy_max_new_tokens: int = 48  # length cap for those answers
 
@@ -48,7 +60,8 @@ def inputs(cfg) -> list[Path]:
     return [cfg.paths.resolve("qa") / "train.jsonl"]
 
 
-def _with_citation(answer: str, number: int) -> str:
+def cite(answer: str, number: int) -> str:
+    """``answer`` with `` [number]`` before its final punctuation."""
     body = answer.rstrip()
     end = body[-1] if body and body[-1] in ".!?" else ""
     return f"{body[:-1] if end else body} [{number}]{end or '.'}"
@@ -58,6 +71,25 @@ def _holds_facts(text: str, facts: list[list[str]]) -> bool:
     return all(contains_fact(text, fact) for fact in facts)
 
 
+def evidence_answer(shown: str, facts: list[list[str]], max_sentences: int = 2) -> str | None:
+    """The fewest sentences of ``shown`` (at most ``max_sentences``, in document order) that
+    together hold every fact; the shortest such choice. None when no such choice exists."""
+    sentences = split_sentences(shown)
+    holding = [{i for i, fact in enumerate(facts) if contains_fact(s, fact)} for s in sentences]
+    everything = set(range(len(facts)))
+    singles = [i for i, got in enumerate(holding) if got == everything]
+    if singles:
+        return min((sentences[i] for i in singles), key=len)
+    if max_sentences < 2:
+        return None
+    pairs = [(i, j) for i in range(len(sentences)) for j in range(i + 1, len(sentences))
+             if holding[i] | holding[j] == everything]
+    if not pairs:
+        return None
+    i, j = min(pairs, key=lambda p: len(sentences[p[0]]) + len(sentences[p[1]]))
+    return f"{sentences[i]} {sentences[j]}"
+
+
 def _gold_chunk(retriever, record):
     """The chunk of the record's document that holds the most of its facts."""
     candidates = [c for c in retriever.chunks if c.doc_id == record.doc]
@@ -65,42 +97,50 @@ def _gold_chunk(retriever, record):
 
 
 def ground(record, retriever, k: int, rng: random.Random, insert_gold: bool):
-    """(passages, cited number or None, gold inserted?) for one record."""
+    """(passages, cited number or None, gold inserted?) for one record. "Holds the facts" is
+    judged on the text the prompt shows (pipeline.prompt.shown_text), not the whole chunk."""
     from pipeline.retrieval.retriever import Passage
 
     passages = retriever.search(retrieval_query(record.question, record.history), k=k)
     if not record.answerable:
         return passages, None, False
-    hit = next((i for i, p in enumerate(passages, 1) if _holds_facts(p.text, record.facts)), None)
+
+    def holds(passage) -> bool:
+        return _holds_facts(shown_text(passage, record.question), record.facts)
+
+    hit = next((i for i, p in enumerate(passages, 1) if holds(p)), None)
     inserted = False
     if hit is None and insert_gold:
         chunk = _gold_chunk(retriever, record)
-        if chunk is not None and _holds_facts(chunk.text, record.facts):
+        if chunk is not None:
             gold = Passage(chunk.chunk_id, chunk.doc_id, chunk.source, chunk.title, chunk.headers,
                            chunk.text, 0.0)
-            passages = [p for p in passages if p.chunk_id != chunk.chunk_id][: k - 1]
-            position = rng.randrange(len(passages) + 1)
-            passages.insert(position, gold)
-            hit, inserted = position + 1, True
+            if holds(gold):
+                passages = [p for p in passages if p.chunk_id != chunk.chunk_id][: k - 1]
+                position = rng.randrange(len(passages) + 1)
+                passages.insert(position, gold)
+                hit, inserted = position + 1, True
     return passages, hit, inserted
 
 
-def _rejections(record, passages, cited, others, rng: random.Random) -> list[tuple[str, str]]:
-    """(kind, rejected answer) candidates that a grounded answer should beat."""
-    stranger = rng.choice([o for o in others if o.doc != record.doc and o.answerable])
-    if not record.answerable:
-        return [("invented_answer", _with_citation(stranger.answer, 1)),
-                ("ignores_context", stranger.answer)]
-    options = [
-        ("other_document_fact", _with_citation(stranger.answer, cited or 1)),
-        ("ignores_context", stranger.answer),
-        ("false_refusal", REFUSAL),
-        ("rambling", " ".join([record.answer] * 3 + ["This is an important point to remember."] * 2)),
-    ]
-    wrong = [n for n, p in enumerate(passages, 1) if not _holds_facts(p.text, record.facts)]
-    if cited and wrong:
-        options.append(("wrong_citation", _with_citation(record.answer, rng.choice(wrong))))
-    return options
+def hard_negatives(record, retriever, k: int, pool: int) -> list | None:
+    """``k`` passages for a refusal drill: the best-ranked passages of other documents for the
+    record's own question, none holding its facts (near misses). None when too few exist."""
+    found = retriever.search(retrieval_query(record.question, record.history), k=pool)
+    kept = [p for p in found if p.doc_id != record.doc and not _holds_facts(p.text, record.facts)]
+    return kept[:k] if len(kept) >= k else None
+
+
+def copied_wrong_sentence(question: str, passages: list, avoid_facts: list[list[str]],
+                          rng: random.Random) -> str | None:
+    """A plausible wrong answer: a sentence copied from a shown passage that lacks the facts,
+    cited to that passage. For unanswerable prompts (no facts), any shown sentence."""
+    options = []
+    for number, passage in enumerate(passages, 1):
+        for sentence in split_sentences(shown_text(passage, question)):
+            if len(sentence.split()) >= 4 and not (avoid_facts and _holds_facts(sentence, avoid_facts)):
+                options.append(cite(sentence, number))
+    return rng.choice(options) if options else None
 
 
 def _write(path: Path, rows: list[dict]) -> None:
@@ -111,6 +151,51 @@ def _write(path: Path, rows: list[dict]) -> None:
 
 def _in_validation(record_id: str, share: float) -> bool:
     return int(hashlib.sha1(record_id.encode()).hexdigest(), 16) % 1000 < share * 1000
+
+
+def _pair(record_id: str, kind: str, prompt: list, chosen: str, rejected: str) -> dict:
+    return {"id": record_id, "kind": kind, "prompt": prompt,
+            "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}]}
+
+
+def examples_for(record, retriever, k: int, rng: random.Random, config: Config, others: list,
+                 stats: Counter) -> list[dict]:
+    """(prompt, target, pairs) examples for one record: its own, plus a drill when drawn."""
+    passages, cited, inserted = ground(record, retriever, k, rng, config.insert_gold)
+    stats["gold_inserted"] += inserted
+    stats["gold_retrieved"] += bool(cited) and not inserted
+    examples = []
+    prompt = build_messages(record.question, passages, record.history)
+    if record.answerable:
+        evidence = None
+        if cited is not None:
+            evidence = evidence_answer(shown_text(passages[cited - 1], record.question), record.facts,
+                                       config.max_evidence_sentences)
+        if evidence is None:
+            stats["dropped_no_evidence"] += 1
+            return []
+        target = cite(evidence, cited)
+        stranger = rng.choice([o for o in others if o.doc != record.doc and o.answerable])
+        rejected = [("other_document_fact", cite(stranger.answer, cited)), ("false_refusal", REFUSAL)]
+        wrong = copied_wrong_sentence(record.question, passages, record.facts, rng)
+        if wrong:
+            rejected.append(("wrong_passage", wrong))
+        examples.append({"prompt": prompt, "target": target, "rejected": rejected, "answerable": True})
+        if rng.random() < config.refusal_drills:
+            negatives = hard_negatives(record, retriever, k, config.negative_pool)
+            if negatives:
+                drill = build_messages(record.question, negatives, record.history)
+                invented = copied_wrong_sentence(record.question, negatives, [], rng) or target
+                examples.append({"prompt": drill, "target": REFUSAL, "drill": True, "answerable": False,
+                                 "rejected": [("invented_answer", invented)]})
+                stats["refusal_drills"] += 1
+    else:
+        invented = copied_wrong_sentence(record.question, passages, [], rng)
+        stranger = rng.choice([o for o in others if o.answerable])
+        examples.append({"prompt": prompt, "target": REFUSAL, "answerable": False,
+                         "rejected": [("invented_answer", invented or cite(stranger.answer, 1))]})
+    return examples
 
 
 def run(config: Config, ctx) -> dict:
@@ -128,39 +213,28 @@ def run(config: Config, ctx) -> dict:
     kinds, stats = Counter(), Counter()
     for record in records:
         val = _in_validation(record.id, config.validation_share)
-        passages, cited, inserted = ground(record, retriever, k, rng, config.insert_gold)
         stats["answerable"] += record.answerable
-        stats["gold_inserted"] += inserted
-        stats["gold_retrieved"] += bool(cited) and not inserted
-        if record.answerable and cited is None:
-            stats["dropped_no_gold_passage"] += 1
-            continue
-        prompt = build_messages(record.question, passages, record.history)
-        chosen = _with_citation(record.answer, cited) if record.answerable else REFUSAL
-        sets["sft_val" if val else "sft"].append(
-            {"id": record.id, "prompt": prompt, "completion": [{"role": "assistant", "content": chosen}]})
-        if record.answerable and not val and rng.random() < config.refusal_drills:
-            kept = [p for p in passages if p.doc_id != record.doc]
-            if kept and not any(_holds_facts(p.text, record.facts) for p in kept):
-                drill = build_messages(record.question, kept, record.history)
-                sets["sft"].append({"id": record.id + "-drill", "prompt": drill,
-                                    "completion": [{"role": "assistant", "content": REFUSAL}]})
-                stats["refusal_drills"] += 1
-        options = _rejections(record, passages, cited, records, rng)
-        for kind, rejected in rng.sample(options, min(config.rejected_per_record, len(options))):
-            kinds[kind] += 1
-            sets["prefs_val" if val else "prefs"].append({
-                "id": record.id, "kind": kind, "prompt": prompt,
-                "chosen": [{"role": "assistant", "content": chosen}],
-                "rejected": [{"role": "assistant", "content": rejected}]})
-        if not val:
-            sets["prompts"].append({"id": record.id, "prompt": prompt, "answerable": record.answerable,
-                                    "facts": record.facts, "reference": chosen})
+        for example in examples_for(record, retriever, k, rng, config, records, stats):
+            row_id = record.id + ("-drill" if example.get("drill") else "")
+            target = example["target"]
+            sets["sft_val" if val else "sft"].append(
+                {"id": row_id, "prompt": example["prompt"],
+                 "completion": [{"role": "assistant", "content": target}]})
+            for kind, rejected in example["rejected"]:
+                kinds[kind] += not val
+                sets["prefs_val" if val else "prefs"].append(
+                    _pair(row_id, kind, example["prompt"], target, rejected))
+            if not val:
+                sets["prompts"].append({"id": row_id, "prompt": example["prompt"],
+                                        "answerable": example["answerable"],
+                                        "facts": record.facts if example["answerable"] else [],
+                                        "reference": target})
     stats["refusals_dropped"] = cap_refusals(sets["sft"], config.max_refusal_share, rng)
     if config.on_policy_negatives:
-        facts_by_id = {r.id: r.facts for r in records}
+        facts_by_id = {row["id"]: row["facts"] for row in sets["prompts"]}
         added = on_policy_pairs(ctx, sets["prefs"], facts_by_id, config, rng)
         kinds["on_policy"] += added
+    stats["pairs_dropped_to_balance"] = balance_pairs(sets["prefs"], rng)
     for name, rows in sets.items():
         _write(ctx.out_dir / f"{name}.jsonl", rows)
     answerable = max(1, stats["answerable"])
@@ -168,10 +242,11 @@ def run(config: Config, ctx) -> dict:
         "records": len(records), **{f"{name}_rows": len(rows) for name, rows in sets.items()},
         "gold_retrieved_rate": round(stats["gold_retrieved"] / answerable, 3),
         "gold_inserted_rate": round(stats["gold_inserted"] / answerable, 3),
-        "dropped_no_gold_passage": stats["dropped_no_gold_passage"],
+        "dropped_no_evidence": stats["dropped_no_evidence"],
         "refusal_drills": stats["refusal_drills"], "refusals_dropped": stats["refusals_dropped"],
+        "pairs_dropped_to_balance": stats["pairs_dropped_to_balance"],
         "sft_refusal_share": round(sum(_is_refusal_row(r) for r in sets["sft"]) / max(1, len(sets["sft"])), 3),
-        "rejection_kinds": dict(kinds), "top_k": k,
+        "pair_kinds": dict(Counter(row["kind"] for row in sets["prefs"])), "top_k": k,
     }
 
 
@@ -191,24 +266,32 @@ def cap_refusals(rows: list[dict], share: float, rng: random.Random) -> int:
     return len(drop)
 
 
+def balance_pairs(pairs: list[dict], rng: random.Random) -> int:
+    """Drop random pairs (in place) so that "refuse over answer" pairs are no more numerous than
+    "answer over refusal" pairs and vice versa: DPO must not buy abstention with false refusals
+    (or the reverse). Pairs that teach copying over a wrong answer are all kept."""
+    abstain = [i for i, p in enumerate(pairs) if p["kind"] in ABSTAIN_KINDS]
+    answer = [i for i, p in enumerate(pairs) if p["kind"] in REFUSAL_KINDS]
+    larger, smaller = (abstain, answer) if len(abstain) > len(answer) else (answer, abstain)
+    drop = set(rng.sample(larger, len(larger) - len(smaller)))
+    pairs[:] = [p for i, p in enumerate(pairs) if i not in drop]
+    return len(drop)
+
+
 def on_policy_pairs(ctx, prefs: list[dict], facts_by_id: dict, config: Config,
                     rng: random.Random) -> int:
     """Add pairs whose rejected side is the base model's own answer, where it fails the check."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from pipeline.generation import generate_batch
+    from pipeline.training import load_causal_lm
 
-    base = ctx.parent("base")
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    model, tokenizer = load_causal_lm(ctx.artifacts, [])
     first_rows = list({row["id"]: row for row in reversed(prefs)}.values())
     rows = rng.sample(first_rows, min(config.on_policy_negatives, len(first_rows)))
-    answers = generate_batch(model, tokenizer, [r["prompt"] for r in rows],
+    answers = generate_batch(model.eval(), tokenizer, [r["prompt"] for r in rows],
                              max_new_tokens=config.on_policy_max_new_tokens, desc="on-policy negatives")
     added = 0
     for row, answer in zip(rows, answers):
-        facts = facts_by_id[row["id"]]
+        facts = facts_by_id.get(row["id"], [])
         correct = is_refusal(answer) if not facts else (
             not is_refusal(answer) and _holds_facts(answer, facts))
         if not correct and answer.strip():

@@ -47,7 +47,9 @@ def run(config: Config, ctx) -> dict:
     from datasets import load_dataset
     from trl import DPOConfig, DPOTrainer
 
-    from pipeline.training import chain_of, load_causal_lm, peft_config, save_curves, trainer_arguments, write_history
+    from pipeline.answerability import calibrate
+    from pipeline.training import (chain_of, load_causal_lm, peft_config, read_rows, save_curves,
+                                   trainer_arguments, write_history)
 
     data = ctx.parent("dataset")
     chain = chain_of(ctx.artifacts, "sft")
@@ -76,6 +78,7 @@ def run(config: Config, ctx) -> dict:
     if not len(held_out):
         ctx.log.warning("prefs_val.jsonl is empty: no held-out DPO metrics")
     trainer.model.save_pretrained(ctx.out_dir / "adapter")
+    decision = calibrate(trainer.model, tokenizer, read_rows(data / "sft_val.jsonl"), ctx.out_dir)
     shutil.rmtree(ctx.out_dir / "checkpoints", ignore_errors=True)
     history = trainer.state.log_history
     write_history(history, ctx.out_dir / "history.jsonl")
@@ -88,7 +91,7 @@ def run(config: Config, ctx) -> dict:
         return round(float(value), 4) if value is not None else None
 
     return {
-        "adapter_chain": chain + ["dpo"], "train_pairs": len(train), "held_out_pairs": len(held_out),
+        **decision, "adapter_chain": chain + ["dpo"], "train_pairs": len(train), "held_out_pairs": len(held_out),
         "steps": result.global_step, "train_loss": round(result.training_loss, 4),
         "held_out_loss": metric("loss"), "held_out_accuracy": metric("rewards/accuracies"),
         "held_out_margin": metric("rewards/margins"), "held_out_reward_chosen": metric("rewards/chosen"),

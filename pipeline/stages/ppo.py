@@ -5,7 +5,8 @@ Reads:  `sft` (merged: the policy's starting point and, with the PPO adapter dis
         rollouts; sft_val.jsonl prompts, never trained on, for the before/after comparison).
 Writes: artifacts/ppo/adapter/ (LoRA), value_head.pt, history.jsonl, curves.png (also in
         reports/ppo_curves.png), meta.json with reward and KL by quarter and the held-out
-        reward-model score of the PPO policy against the SFT policy.
+        token F1 of the PPO and SFT policies' greedy answers against the dev targets (a judge
+        PPO was not optimised against), and the refusal threshold chosen on the dev split.
 Alone:  python -m pipeline run --only ppo [ppo.train.steps=40 ppo.train.kl_coef=0.1]
 
 Value head, not a separate critic adapter: one forward pass then yields log-probabilities
@@ -69,7 +70,10 @@ def run(config: Config, ctx) -> dict:
     from pipeline.generation import generate_batch
     from pipeline.rl.trainer import train
     from pipeline.scoring import reward_scores
-    from pipeline.training import chain_of, load_causal_lm, load_reward_model, peft_config, write_history
+    from pipeline.answerability import calibrate
+    from pipeline.evaluation.metrics import token_f1
+    from pipeline.training import (chain_of, load_causal_lm, load_reward_model, peft_config, read_rows,
+                                   write_history)
 
     data = ctx.parent("dataset")
     chain = chain_of(ctx.artifacts, "sft")
@@ -92,13 +96,16 @@ def run(config: Config, ctx) -> dict:
     plot(history, ctx.out_dir / "curves.png")
     shutil.copy(ctx.out_dir / "curves.png", ctx.reports_dir / "ppo_curves.png")
 
-    held_out = [json.loads(line)["prompt"] for line in (data / "sft_val.jsonl").read_text().splitlines()
-                if line][: config.held_out_prompts]
+    decision = calibrate(policy, tokenizer, read_rows(data / "sft_val.jsonl"), ctx.out_dir)
+    # Judged by token F1 against the dev targets, not by the reward model PPO optimised.
+    dev = read_rows(data / "sft_val.jsonl")[: config.held_out_prompts]
+    held_out = [row["prompt"] for row in dev]
+    targets = [row["completion"][0]["content"] for row in dev]
     ppo_answers = generate_batch(policy, tokenizer, held_out, config.max_new_tokens, desc="PPO answers")
     with policy.disable_adapter():
         sft_answers = generate_batch(policy, tokenizer, held_out, config.max_new_tokens, desc="SFT answers")
-    ppo_scores = reward_fn(held_out, ppo_answers)
-    sft_scores = reward_fn(held_out, sft_answers)
+    ppo_f1 = [token_f1(a, t) for a, t in zip(ppo_answers, targets)]
+    sft_f1 = [token_f1(a, t) for a, t in zip(sft_answers, targets)]
     first_reward, last_reward = quarter_means([row["reward_mean"] for row in history])
     first_kl, last_kl = quarter_means([row["kl"] for row in history])
     return {
@@ -108,8 +115,6 @@ def run(config: Config, ctx) -> dict:
         "kl_max": round(max(row["kl"] for row in history), 4), "target_kl": settings.target_kl,
         "final_kl_coef": round(history[-1]["kl_coef"], 5),
         "held_out_prompts": len(held_out),
-        "held_out_reward_ppo": round(statistics.fmean(ppo_scores), 4),
-        "held_out_reward_sft": round(statistics.fmean(sft_scores), 4),
-        "held_out_win_rate_vs_sft": round(statistics.fmean(
-            [float(p > s) for p, s in zip(ppo_scores, sft_scores)]), 3),
+        "held_out_f1_ppo": round(statistics.fmean(ppo_f1), 4) if ppo_f1 else None,
+        "held_out_f1_sft": round(statistics.fmean(sft_f1), 4) if sft_f1 else None, **decision,
     }

@@ -46,7 +46,9 @@ def run(config: Config, ctx) -> dict:
     from datasets import load_dataset
     from trl import SFTConfig, SFTTrainer
 
-    from pipeline.training import load_causal_lm, peft_config, save_curves, trainer_arguments, write_history
+    from pipeline.answerability import calibrate
+    from pipeline.training import (load_causal_lm, peft_config, read_rows, save_curves, trainer_arguments,
+                                   write_history)
 
     data = ctx.parent("dataset")
     model, tokenizer = load_causal_lm(ctx.artifacts, [])
@@ -64,6 +66,7 @@ def run(config: Config, ctx) -> dict:
     result = trainer.train()
     after = trainer.evaluate()["eval_loss"]
     trainer.model.save_pretrained(ctx.out_dir / "adapter")
+    decision = calibrate(trainer.model, tokenizer, read_rows(data / "sft_val.jsonl"), ctx.out_dir)
     tokenizer.save_pretrained(ctx.out_dir / "adapter")
     shutil.rmtree(ctx.out_dir / "checkpoints", ignore_errors=True)
     history = trainer.state.log_history
@@ -72,7 +75,7 @@ def run(config: Config, ctx) -> dict:
     shutil.copy(ctx.out_dir / "loss.png", ctx.reports_dir / "sft_loss.png")
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     return {
-        "adapter_chain": ["sft"], "train_rows": len(train), "held_out_rows": len(held_out),
+        **decision, "adapter_chain": ["sft"], "train_rows": len(train), "held_out_rows": len(held_out),
         "steps": result.global_step, "train_loss": round(result.training_loss, 4),
         "held_out_loss_base": round(before, 4), "held_out_loss": round(after, 4),
         "held_out_perplexity_base": round(math.exp(before), 3),

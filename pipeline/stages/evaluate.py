@@ -1,11 +1,11 @@
 """Stage `eval`: what each stage bought, on held-out questions, in one report.
 
 Reads:  data/qa/eval.jsonl (held out: no trainer ever sees it), `base` and `index`, and
-        every variant that is built (sft, dpo, ppo) plus `reward` for the judge.
+        every variant that is built (sft, dpo, ppo) with its refusal threshold.
 Writes: artifacts/eval/ and reports/: eval.json, eval.md, eval.png, retrieval.json,
         retrieval.md. Metrics: key-fact accuracy, abstention, false refusals, citation
-        precision, token F1, ROUGE-L, BLEU, length, repetition, held-out perplexity,
-        reward-model score and win rate against SFT, KL to SFT, seconds per answer.
+        precision, token F1, ROUGE-L, BLEU, length, repetition, held-out perplexity, seconds
+        per answer, and paired bootstrap intervals between variants.
 Alone:  python -m pipeline run --only eval     (also `make eval`)
         python -m pipeline eval --docs DIR --qa FILE   (your own documents and questions)
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 from pipeline.evaluation.loop import EvalSettings as Config
 
 PARENTS = ("base", "index")
-OPTIONAL_PARENTS = ("sft", "reward", "dpo", "ppo")
+OPTIONAL_PARENTS = ("sft", "dpo", "ppo")
 CONFIG_SECTIONS = ("retrieval",)
 __all__ = ["Config", "PARENTS", "OPTIONAL_PARENTS", "inputs", "run", "score"]
 
@@ -39,7 +39,7 @@ def score(artifacts, records, retriever, config: Config, out_dirs: list[Path], h
     chosen = select(records, config.max_questions, seed)
     texts = perplexity_texts(retriever, chosen, train_docs, config.perplexity_chunks)
     runs = evaluate(artifacts, chosen, retriever, config, texts)
-    return write_report(runs, chosen, out_dirs, header, config.examples)
+    return write_report(runs, chosen, out_dirs, header, config.examples, seed)
 
 
 def run(config: Config, ctx) -> dict:
@@ -59,8 +59,11 @@ def run(config: Config, ctx) -> dict:
               f"seed {cfg.seed}, top_k={cfg.retrieval.top_k} {cfg.retrieval.mode} retrieval. "
               "Layout `template` is the project's prompt; `plain` is the base model's best plain layout; "
               "`extractive / sentence` is no model at all: the sentence of passage [1] sharing most words "
-              "with the question (pipeline/evaluation/baselines.py). Rows marked `bf16`, `int8` or "
-              "`int8-decode` serve the same weights through a faster numeric path (pipeline/numeric.py).")
+              "with the question (pipeline/evaluation/baselines.py). Trained variants answer or refuse by "
+              "the threshold chosen on the dev split, as the service does. Key-fact accuracy matches each "
+              "fact on word boundaries, ignores [n] markers and gives no credit past 60 words "
+              "(pipeline/evaluation/metrics.py). Rows marked `bf16`, `int8` or `int8-decode` (opt-in) "
+              "serve the same weights through a faster numeric path (pipeline/numeric.py).")
     report = score(ctx.artifacts, records, retriever, config, [ctx.reports_dir, ctx.out_dir], header,
                    train_docs, cfg.seed)
     metrics = {"questions": report["questions"],
@@ -69,6 +72,7 @@ def run(config: Config, ctx) -> dict:
         if summary["layout"] == "template" and summary["retrieval"] and summary["numeric"] == "fp32":
             metrics[f"{summary['variant']}_key_fact_accuracy"] = summary["key_fact_accuracy"]
             metrics[f"{summary['variant']}_abstention"] = summary["abstention_accuracy"]
+            metrics[f"{summary['variant']}_false_refusal"] = summary["false_refusal_rate"]
     for cost in report["fast_path_costs"]:
         metrics[f"{cost['variant']}_{cost['numeric']}_key_fact_points"] = cost["key_fact_points"]
         metrics[f"{cost['variant']}_{cost['numeric']}_same_answers"] = cost["same_answers"]

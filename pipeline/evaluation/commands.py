@@ -21,7 +21,7 @@ def run_eval_command(cfg, docs: str | None, qa: str | None, out: str, overrides=
     from pipeline.data.records import DataError, read_records
     from pipeline.retrieval.commands import index_folder
     from pipeline.retrieval.retriever import Retriever
-    from pipeline.stages.eval import score
+    from pipeline.stages.evaluate import score
 
     records, problems = read_records(Path(qa))
     if problems:
