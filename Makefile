@@ -11,7 +11,7 @@ DOCS ?=
 ARGS ?=
 PIPELINE_ARGS := --profile $(PROFILE) $(if $(DOCS),paths.docs=$(abspath $(DOCS))) $(ARGS)
 
-.PHONY: help setup test test-fast browser pipeline chat eval bench docker clean
+.PHONY: help setup test test-fast browser pipeline chat eval bench loadtest docker clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' Makefile | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -49,6 +49,9 @@ eval: setup  ## score every built variant on the held-out questions into reports
 
 bench: setup  ## speed and memory benchmarks, as ratios against a baseline, into reports/
 	$(PY) -m pipeline.bench
+
+loadtest:  ## load and fault check against the real server on 127.0.0.1, into reports/reliability.md
+	$(PY) -m service.loadtest -- --profile $(PROFILE) $(ARGS)
 
 docker:  ## build the CPU image (needs a Docker engine)
 	docker build -t alignrag .

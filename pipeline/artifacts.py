@@ -92,10 +92,19 @@ class Artifacts:
             )
         return self.dir(stage)
 
+    def recover(self, stage: str) -> None:
+        """Undo a swap that a kill interrupted: the old folder moved aside, the new one not yet
+        in place. The last good artifact goes back; a half-built staging folder is dropped."""
+        final, retired = self.dir(stage), self.root / f".{stage}.old"
+        if not final.exists() and retired.exists():
+            retired.rename(final)
+        shutil.rmtree(self.root / f".{stage}.building", ignore_errors=True)
+
     @contextmanager
     def publish(self, stage: str):
         """Yield a fresh temporary folder; on success it replaces ``<root>/<stage>``."""
         self.root.mkdir(parents=True, exist_ok=True)
+        self.recover(stage)
         staging = self.root / f".{stage}.building"
         if staging.exists():
             shutil.rmtree(staging)

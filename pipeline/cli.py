@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     export = data_commands.add_parser("export-feedback", help="chat feedback -> preference pairs for dpo")
     export.add_argument("--db", default="cache/feedback.sqlite")
     export.add_argument("--out", default="data/feedback/prefs.jsonl")
+    export.add_argument("--approve", type=int, nargs="*", default=[], metavar="ID",
+                        help="feedback rows a person checked: they join the exported pairs")
+    export.add_argument("--reject", type=int, nargs="*", default=[], metavar="ID",
+                        help="feedback rows never to export")
     _add_profile(export)
     return parser
 
@@ -112,9 +116,15 @@ def main(argv: list[str] | None = None) -> int:
 
             if not Path(args.db).exists():
                 raise UserError(f"no feedback database at {args.db}; rate some answers in the chat first")
-            count = export_pairs(FeedbackStore(Path(args.db)), Path(args.out))
-            print(f"wrote {count} preference pairs to {args.out}; the dpo stage reads them with "
-                  f"dpo.extra_prefs={args.out}")
+            store = FeedbackStore(Path(args.db))
+            store.set_review(args.approve, "approved")
+            store.set_review(args.reject, "rejected")
+            for row in store.rows("pending"):
+                better = f" -> better: {row['better_answer']!r}" if row["better_answer"] else ""
+                print(f"pending #{row['id']} ({row['variant']}, {row['rating']:+d}): {row['answer']!r}{better}")
+            count = export_pairs(store, Path(args.out))
+            print(f"wrote {count} preference pairs (approved rows only) to {args.out}; review pending rows "
+                  f"with --approve ID ... / --reject ID ...; the dpo stage reads them with dpo.extra_prefs={args.out}")
         elif args.command == "retrieve":
             retrieval_commands.retrieve(cfg, args.index, args.queries, args.k, args.out, args.mode)
     except USER_ERRORS as err:

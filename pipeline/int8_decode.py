@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from pipeline.cpu import has_int8_dot_product
+
 
 class PrefillDecodeLinear(torch.nn.Module):
     """A linear layer with two copies of its weight: bf16 for many-token calls (the prompt),
@@ -24,14 +26,17 @@ class PrefillDecodeLinear(torch.nn.Module):
         zero = torch.zeros_like(scale, dtype=torch.long)
         qweight = torch.quantize_per_channel(weight, scale, zero, 0, torch.qint8)
         self._packed = torch.ops.quantized.linear_prepack(qweight, self.bias)
+        self._reduce_range = not has_int8_dot_product()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-2] != 1:
             out = F.linear(x.to(torch.bfloat16), self.weight).to(x.dtype)
             return out if self.bias is None else out + self.bias.to(x.dtype)
         rows = x.float().reshape(-1, 1, x.shape[-1]).unbind(0)
-        # reduce_range=False: all 8 bits for the activation (the 7-bit default is the int8 path's)
-        out = [torch.ops.quantized.linear_dynamic(row, self._packed, reduce_range=False) for row in rows]
+        # All 8 bits for the activation where the CPU has VNNI; 7 bits where it has only AVX2,
+        # whose int16 pair sums saturate on full-range inputs (pipeline/cpu.py).
+        out = [torch.ops.quantized.linear_dynamic(row, self._packed, reduce_range=self._reduce_range)
+               for row in rows]
         return torch.cat(out).reshape(*x.shape[:-1], -1).to(x.dtype)
 
 

@@ -108,6 +108,10 @@ def main(argv=None) -> int:
     parser.add_argument("--remote", metavar="URL", help="send generation to an OpenAI-compatible server")
     parser.add_argument("--remote-model", help="model name to ask the remote server for")
     parser.add_argument("--feedback-db", default=str(REPO_ROOT / "cache" / "feedback.sqlite"))
+    parser.add_argument("--max-waiting", type=int, default=16,
+                        help="API requests that may wait for the model; more get 429 with Retry-After")
+    parser.add_argument("--queue-timeout", type=float, default=60.0,
+                        help="seconds an API request may wait for the model before a 429")
     parser.add_argument("--profile", default="quick")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
@@ -124,7 +128,8 @@ def main(argv=None) -> int:
         ensure_built(cfg, args.no_build, need_index=not (args.index or args.docs))
         index_dir = Path(args.index) if args.index else docs_cache(cfg, Path(args.docs)) if args.docs else None
         engine = Engine(cfg.paths.resolve("artifacts"), index_dir, cfg.retrieval,
-                        remote_url=args.remote, remote_model=args.remote_model, numeric=args.numeric)
+                        remote_url=args.remote, remote_model=args.remote_model, numeric=args.numeric,
+                        max_waiting=args.max_waiting, queue_timeout=args.queue_timeout)
         engine.retriever  # load now, so a corrupt index fails before the server starts
         library = make_library(cfg, args, engine)
         variant = choose_variant(args.variant, engine.artifacts)

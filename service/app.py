@@ -8,6 +8,8 @@ from pathlib import Path
 
 import gradio as gr
 
+from service.library import MAX_UPLOAD_BYTES
+
 from pipeline.errors import UserError
 from pipeline.prompt import cited_numbers
 from service.engine import Engine, GenerationSettings
@@ -104,7 +106,7 @@ def build_ui(engine: Engine, default_variant: str = "base", library=None, feedba
         for file in files or []:
             path = getattr(file, "name", file)
             try:
-                engine.set_index(library.add(Path(path).name, Path(path).read_bytes()))
+                engine.set_index(library.add_path(Path(path)))
                 messages.append(f"added {Path(path).name}")
             except UserError as err:
                 messages.append(f"⚠️ {err}")
@@ -222,4 +224,5 @@ def build_app(engine: Engine, default_variant: str = "base", library=None, feedb
     install_error_handlers(api)
     api.include_router(build_router(engine, api_key))
     demo = build_ui(engine, default_variant, library, feedback).queue(default_concurrency_limit=1, max_size=32)
-    return gr.mount_gradio_app(api, demo, path="", auth=auth_from_env())
+    return gr.mount_gradio_app(api, demo, path="", auth=auth_from_env(),
+                               max_file_size=library.max_bytes if library else MAX_UPLOAD_BYTES)

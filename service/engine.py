@@ -31,6 +31,12 @@ class MessageTooLong(UserError):
     pass
 
 
+class ServerBusy(Exception):
+    """More requests wait than the queue bound allows, or one waited past its deadline."""
+
+    retry_after_seconds = 2
+
+
 @dataclass
 class GenerationSettings:
     temperature: float = 0.0  # 0 = greedy decoding (reproducible); raise for variety
@@ -67,6 +73,7 @@ def load_variant(artifacts: Artifacts, variant: str, numeric: str = "fp32"):
 class Engine:
     def __init__(self, artifacts_dir: Path, index_dir: Path | None = None,
                  retrieval: RetrievalSettings | None = None, max_concurrent: int = 1,
+                 max_waiting: int = 16, queue_timeout: float = 60.0,
                  remote_url: str | None = None, remote_model: str | None = None,
                  numeric: str = DEFAULT_NUMERIC):
         from pipeline.numeric import check_numeric_path
@@ -84,6 +91,8 @@ class Engine:
         # later model's tied weights on the meta device.
         self._load_lock = threading.RLock()
         self._slots = threading.BoundedSemaphore(max_concurrent)
+        self.max_waiting, self.queue_timeout = max_waiting, queue_timeout  # past these: ServerBusy
+        self._waiting, self._waiting_lock = 0, threading.Lock()
 
     # -- resources -------------------------------------------------------------------
     def variants(self) -> list[str]:
@@ -147,12 +156,32 @@ class Engine:
             return
         settings = settings or GenerationSettings()
         messages, passages, tokenizer, model = self.prepare(question, history, variant, use_retrieval)
-        with self._slots:
+        self._wait_for_slot()
+        try:
             replies = (self._generate_remote(messages, passages, variant, settings) if self.remote_url
                        else self._generate(messages, passages, tokenizer, model, variant, settings))
-            for reply in replies:
-                reply.messages = messages
-                yield reply
+            try:
+                for reply in replies:
+                    reply.messages = messages
+                    yield reply
+            finally:
+                replies.close()  # a caller that stopped reading stops the generation, now
+        finally:
+            self._slots.release()
+
+    def _wait_for_slot(self) -> None:
+        """Take a generation slot, or raise ServerBusy: the queue is full or the wait too long."""
+        with self._waiting_lock:
+            if self._waiting >= self.max_waiting:
+                raise ServerBusy(f"{self._waiting} requests are already waiting; retry shortly")
+            self._waiting += 1
+        try:
+            acquired = self._slots.acquire(timeout=self.queue_timeout)
+        finally:
+            with self._waiting_lock:
+                self._waiting -= 1
+        if not acquired:
+            raise ServerBusy(f"no generation slot freed within {self.queue_timeout:.0f} s; retry shortly")
 
     def _generate_remote(self, messages, passages, variant, settings):
         """Stream from an OpenAI-compatible server (vLLM, llama.cpp's server, ...)."""

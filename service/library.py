@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 from pipeline.errors import UserError
@@ -27,6 +28,9 @@ def safe_name(filename: str) -> str:
 
 
 class Library:
+    """Uploads and the index rebuilt from them. One change at a time (a lock): two rebuilds
+    never share the staging folder. A same-name upload is refused, never silently replaced."""
+
     def __init__(self, docs_dir: Path | None, served_index: Path, work_dir: Path, index_settings,
                  max_bytes: int = MAX_UPLOAD_BYTES):
         self.docs_dir = Path(docs_dir) if docs_dir else None
@@ -36,10 +40,22 @@ class Library:
         self.settings = index_settings
         self.max_bytes = max_bytes
         self.uploads.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        from pipeline.artifacts import Artifacts
+
+        Artifacts(self.index_dir.parent).recover(self.index_dir.name)  # a rebuild killed mid-swap
 
     def documents(self) -> list[dict]:
         return [{"name": p.name, "kilobytes": round(p.stat().st_size / 1024, 1)}
                 for p in sorted(self.uploads.iterdir()) if p.is_file()]
+
+    def add_path(self, path: Path, filename: str | None = None) -> Path:
+        """Add an uploaded file from disk; its size is checked before it is read."""
+        size = Path(path).stat().st_size
+        if size > self.max_bytes:
+            raise UserError(f"'{filename or Path(path).name}' is {size / 2**20:.1f} MB; "
+                            f"the limit is {self.max_bytes / 2**20:.0f} MB")
+        return self.add(filename or Path(path).name, Path(path).read_bytes())
 
     def add(self, filename: str, data: bytes) -> Path:
         name = safe_name(filename)
@@ -48,7 +64,13 @@ class Library:
         target = (self.uploads / name).resolve()
         if target.parent != self.uploads.resolve():
             raise UserError(f"'{filename}' would be written outside the documents folder")
-        target.write_bytes(data)
+        with self._lock:
+            if target.exists():
+                raise UserError(f"'{name}' is already uploaded; remove it first to replace it")
+            target.write_bytes(data)
+            return self._index_new(target, name)
+
+    def _index_new(self, target: Path, name: str) -> Path:
         try:
             readable = [d for d in read_file(target, self.uploads, IngestReport()) if d.text.strip()]
         except Exception as err:  # pypdf, bs4 and json raise their own types
@@ -58,16 +80,25 @@ class Library:
         if not readable:
             target.unlink()  # an unreadable upload must not stay in the library
             raise UserError(f"'{name}' cannot be indexed: {reason}")
-        return self.rebuild()
+        try:
+            return self._rebuild()
+        except BaseException:
+            target.unlink(missing_ok=True)  # the last good index keeps serving, without it
+            raise
 
     def remove(self, name: str) -> Path:
         target = (self.uploads / safe_name(name)).resolve()
-        if target.parent != self.uploads.resolve() or not target.exists():
-            raise UserError(f"no uploaded document named '{name}'")
-        target.unlink()
-        return self.rebuild()
+        with self._lock:
+            if target.parent != self.uploads.resolve() or not target.exists():
+                raise UserError(f"no uploaded document named '{name}'")
+            target.unlink()
+            return self._rebuild()
 
     def rebuild(self) -> Path:
+        with self._lock:
+            return self._rebuild()
+
+    def _rebuild(self) -> Path:
         """Index documents + uploads into ``index_dir`` (atomically) and return it."""
         from pipeline.artifacts import Artifacts
         from pipeline.retrieval.embedder import Embedder

@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field, field_validator
 
 from pipeline.errors import UserError
-from service.engine import Engine, GenerationSettings
+from service.engine import Engine, GenerationSettings, ServerBusy
 
 log = logging.getLogger("service.api")
 
@@ -146,6 +146,9 @@ def build_router(engine: Engine, api_key: str | None = None) -> APIRouter:
             first = next(replies)
         except UserError as err:
             return openai_error(400, str(err))
+        except ServerBusy as err:
+            return openai_error(429, str(err), kind="rate_limit_error",
+                                headers={"Retry-After": str(err.retry_after_seconds)})
         completion_id = f"chatcmpl-{uuid.uuid4().hex[:12]}"
         if request.stream:
             return StreamingResponse(_events(completion_id, request.model, first, replies, request.max_tokens),

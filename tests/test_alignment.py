@@ -56,6 +56,7 @@ def workspace(tmp_path_factory, tiny_model_dir):
     return root, config
 
 
+@pytest.mark.slow
 def test_dataset_builds_grounded_sets(workspace):
     root, _ = workspace
     folder = root / "artifacts" / "dataset"
@@ -120,6 +121,7 @@ def test_refusal_cap_keeps_answers_and_bounds_the_share():
     assert cap_refusals(rows, 0.0, random.Random(0)) == 0 and len(rows) == 10
 
 
+@pytest.mark.slow
 def test_sft_moves_only_the_lora_weights(workspace):
     root, config = workspace
     base_digest = file_digest(root / "artifacts/base/model.safetensors")
@@ -139,6 +141,7 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
     return -torch.nn.functional.logsigmoid(beta * ((policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)))
 
 
+@pytest.mark.slow
 def test_dpo_loss_by_hand_and_in_trl(workspace, tiny_model_dir):
     # by hand: log-ratios +1 (chosen) and -1 (rejected), beta 0.1 -> -log sigmoid(0.2)
     by_hand = math.log(1 + math.exp(-0.2))
@@ -178,6 +181,7 @@ def test_dpo_loss_by_hand_and_in_trl(workspace, tiny_model_dir):
     assert abs(loss - math.log(2)) > 1e-4
 
 
+@pytest.mark.slow
 def test_reward_model_ranks_a_separable_toy_set(workspace):
     root, config = workspace
     artifacts = Artifacts(root / "artifacts")
@@ -209,6 +213,7 @@ def test_reward_model_ranks_a_separable_toy_set(workspace):
     assert metrics["margin_min"] > 0
 
 
+@pytest.mark.slow
 def test_dpo_stage_trains_a_new_adapter_on_sft(workspace):
     root, config = workspace
     if not (root / "artifacts/sft/meta.json").exists():
@@ -216,7 +221,8 @@ def test_dpo_stage_trains_a_new_adapter_on_sft(workspace):
     from pipeline.data.feedback import FeedbackStore, export_pairs
 
     store = FeedbackStore(root / "feedback.sqlite")
-    store.record("sft", [{"role": "user", "content": "Who proposed Adam?"}], "Hinton.", -1, "Kingma and Ba [1].")
+    row = store.record("sft", [{"role": "user", "content": "Who proposed Adam?"}], "Hinton.", -1, "Kingma and Ba [1].")
+    store.set_review([row], "approved")
     assert export_pairs(store, root / "feedback.jsonl") == 1
     train_rows = len((root / "artifacts/dataset/prefs.jsonl").read_text().splitlines())
     metrics = run_pipeline(config("dpo.max_steps=2", "dpo.batch_size=1", "dpo.grad_accum=1",

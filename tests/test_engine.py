@@ -8,6 +8,8 @@ from service.engine import EMPTY_MESSAGE_REPLY, MAX_MESSAGE_CHARS, Engine, Gener
 
 SHORT = GenerationSettings(max_new_tokens=12)
 
+pytestmark = pytest.mark.slow  # loads the real all-MiniLM-L6-v2 embedder
+
 
 @pytest.fixture(scope="module")
 def engine(served_artifacts):

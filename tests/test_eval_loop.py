@@ -21,6 +21,7 @@ RECORDS = [
 ]
 
 
+@pytest.mark.slow
 def test_evaluate_scores_every_row_and_applies_the_refusal_threshold(served_artifacts, tmp_path):
     artifacts = Artifacts(served_artifacts)
     retriever = Retriever(artifacts.require("index"))

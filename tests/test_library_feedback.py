@@ -35,6 +35,7 @@ def library(tmp_path):
     return Library(docs, tmp_path / "served", tmp_path / "work", settings, max_bytes=2000)
 
 
+@pytest.mark.slow
 def test_upload_is_indexed_incrementally_and_removable(library):
     from pipeline.retrieval.retriever import Retriever
 
@@ -49,6 +50,7 @@ def test_upload_is_indexed_incrementally_and_removable(library):
         library.remove("lion.md")
 
 
+@pytest.mark.slow
 def test_upload_limits(library):
     with pytest.raises(UserError, match="the limit is"):
         library.add("big.md", b"x" * 3000)
@@ -69,6 +71,8 @@ def test_feedback_exports_preference_pairs(tmp_path):
     store.record("dpo", [{"role": "user", "content": "other"}], "fine", 1)
     with pytest.raises(ValueError):
         store.record("sft", prompt, "x", 0)
+    assert export_pairs(store, tmp_path / "prefs.jsonl") == 0, "nothing joins DPO before a review"
+    assert store.set_review([1, 2, 3], "approved") == 3
     count = export_pairs(store, tmp_path / "prefs.jsonl")
     rows = [json.loads(line) for line in (tmp_path / "prefs.jsonl").read_text().splitlines()]
     assert count == 2 and len(rows) == 2

@@ -93,6 +93,7 @@ def test_empty_folder_is_an_error(tmp_path):
         load_documents(tmp_path / "nope")
 
 
+@pytest.mark.slow
 def test_chunks_keep_header_path_fit_the_window_and_have_stable_ids(docs, embedder):
     documents, _ = load_documents(docs)
     long_doc = documents[0].__class__("long.md", "long.md", "Long", "# Long\n\n" + " ".join(f"word{i}" for i in range(900)), "markdown")
@@ -109,6 +110,7 @@ def test_chunks_keep_header_path_fit_the_window_and_have_stable_ids(docs, embedd
         make_splitter(embedder.tokenizer, 32, 32)
 
 
+@pytest.mark.slow
 def test_search_finds_the_right_document_in_every_mode(docs, tmp_path, embedder):
     _build(docs, tmp_path / "index", embedder, chunk_tokens=64, chunk_overlap=8)
     retriever = Retriever(tmp_path / "index", RetrievalSettings(top_k=2), embedder)
@@ -119,6 +121,7 @@ def test_search_finds_the_right_document_in_every_mode(docs, tmp_path, embedder)
     assert retriever.search("   ") == []
 
 
+@pytest.mark.slow
 def test_long_query_is_truncated_not_a_crash(docs, tmp_path, embedder, caplog):
     _build(docs, tmp_path / "index", embedder)
     retriever = Retriever(tmp_path / "index", RetrievalSettings(), embedder)
@@ -127,6 +130,7 @@ def test_long_query_is_truncated_not_a_crash(docs, tmp_path, embedder, caplog):
     assert hits and any("embedder reads the first" in r.message for r in caplog.records)
 
 
+@pytest.mark.slow
 def test_incremental_rebuild_reembeds_only_changed_files(docs, tmp_path, embedder):
     first = _build(docs, tmp_path / "v1", embedder)
     assert first["embedded"] == first["chunks"] and first["reused"] == 0
@@ -141,6 +145,7 @@ def test_incremental_rebuild_reembeds_only_changed_files(docs, tmp_path, embedde
     assert "faiss.txt" not in (tmp_path / "v2/chunks.jsonl").read_text()
 
 
+@pytest.mark.slow
 def test_corrupt_or_mismatched_index_is_detected(docs, tmp_path, embedder):
     folder = tmp_path / "index"
     _build(docs, folder, embedder)
@@ -157,6 +162,7 @@ def test_corrupt_or_mismatched_index_is_detected(docs, tmp_path, embedder):
         Retriever(folder, embedder=embedder)
 
 
+@pytest.mark.slow
 def test_approximate_indexes_agree_with_exact_search(docs, tmp_path, embedder):
     _build(docs, tmp_path / "flat", embedder, chunk_tokens=32, chunk_overlap=4)
     _build(docs, tmp_path / "hnsw", embedder, chunk_tokens=32, chunk_overlap=4, ann_threshold=0)
@@ -169,6 +175,36 @@ def test_approximate_indexes_agree_with_exact_search(docs, tmp_path, embedder):
         for query in ("Adam defaults", "dropout rate", "HNSW neighbours"):
             assert [p.chunk_id for p in approx.search(query, 3, "dense")] == \
                    [p.chunk_id for p in exact.search(query, 3, "dense")]
+
+
+def test_approximate_search_recall_is_measured_against_exact():
+    """IVF on 4,000 clustered vectors: visiting a few lists loses some true neighbours (it is
+    approximate), visiting all of them finds every one; HNSW sits near exact."""
+    import faiss
+
+    from pipeline.retrieval.store import build_faiss
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(40, 32))
+    vectors = (centres[rng.integers(0, 40, 4000)] + 0.6 * rng.normal(size=(4000, 32))).astype("float32")
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    queries = vectors[rng.choice(4000, 100, replace=False)] + 0.05 * rng.normal(size=(100, 32)).astype("float32")
+    exact = build_faiss(vectors, IndexSettings(ann_threshold=10**9))
+    _, truth = exact.search(queries, 10)
+
+    def recall(index) -> float:
+        _, found = index.search(queries, 10)
+        return np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth)])
+
+    ivf = build_faiss(vectors, IndexSettings(ann_threshold=0, ann_kind="ivf", ivf_lists=64))
+    assert isinstance(ivf, faiss.IndexIVFFlat)
+    ivf.nprobe = 1
+    few = recall(ivf)
+    ivf.nprobe = 64
+    assert few < 0.9 and recall(ivf) == 1.0, few
+    hnsw = build_faiss(vectors, IndexSettings(ann_threshold=0, ann_kind="hnsw"))
+    hnsw.hnsw.efSearch = 64
+    assert recall(hnsw) > 0.9
 
 
 def test_rrf_and_mmr_by_hand():
@@ -193,6 +229,7 @@ def test_score_fusion_by_hand():
         fuse([(1, 1.0)], [], RetrievalSettings(fusion="max"))
 
 
+@pytest.mark.slow
 def test_cli_index_search_and_trec_run(docs, tmp_path, capsys):
     from pipeline.cli import main
 

@@ -16,6 +16,8 @@ import pytest
 
 from pipeline.config import REPO_ROOT
 
+pytestmark = pytest.mark.slow  # loads the real all-MiniLM-L6-v2 embedder
+
 
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -232,3 +234,50 @@ def test_chat_in_a_real_browser(server, tmp_path):
         browser.close()
     assert bubbles >= 2, "the question and the streamed answer must both show"
     assert (screenshots / "chat.png").stat().st_size > 10_000
+
+
+def test_loadtest_quick_run_survives_load_and_faults(served_artifacts, tmp_path):
+    """`python -m service.loadtest --quick` on a copy of the tiny artifacts: concurrent clients,
+    a burst past the queue bound, dropped streams, fuzzing, and both kills."""
+    artifacts = tmp_path / "artifacts"
+    shutil.copytree(served_artifacts, artifacts)
+    docs = served_artifacts.parent / "docs"
+    result = subprocess.run(
+        [sys.executable, "-m", "service.loadtest", "--quick", "--out", str(tmp_path / "reports"), "--max-tokens", "6",
+         "--", "--no-build", "--profile", "tiny", f"paths.artifacts={artifacts}", f"paths.docs={docs}"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    report = json.loads((tmp_path / "reports" / "reliability.json").read_text())
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert report["concurrent_clients"]["errors"] == 0 and report["concurrent_clients"]["requests"] == 8
+    assert report["burst"]["rate_limited"] > 0 and report["burst"]["errors"] == 0, report["burst"]
+    assert report["fuzz"]["server_errors"] == 0 and report["fuzz"]["client_errors"] > 0
+    assert report["kill_during_rebuild"]["ok"] and report["kill_stage"]["previous_artifact_intact"]
+    assert "| peak server memory" in (tmp_path / "reports" / "reliability.md").read_text()
+
+
+def test_auth_covers_the_api_and_the_ui(served_artifacts, tmp_path):
+    port = _free_port()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", ALIGNRAG_AUTH="ada:s3cret")
+    command = [sys.executable, "-m", "service", "--no-build", "--port", str(port), "--profile", "tiny",
+               "--feedback-db", str(tmp_path / "f.sqlite"), f"paths.artifacts={served_artifacts}",
+               f"paths.docs={served_artifacts.parent / 'docs'}"]
+    process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"{url}/v1/models", timeout=2).status_code in (200, 401):
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        anonymous = httpx.get(f"{url}/v1/models", timeout=10)
+        assert anonymous.status_code == 401 and anonymous.json()["error"]["type"] == "authentication_error"
+        wrong = httpx.post(f"{url}/v1/chat/completions", headers={"Authorization": "Bearer nope"}, timeout=10,
+                           json={"messages": [{"role": "user", "content": "hi"}]})
+        assert wrong.status_code == 401
+        assert httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer s3cret"}, timeout=10).status_code == 200
+        assert httpx.get(f"{url}/config", timeout=10).status_code == 401  # the Gradio app wants its login
+    finally:
+        process.terminate()
+        process.wait(timeout=15)

@@ -1,4 +1,9 @@
-"""Thumbs up / down and better answers, stored in SQLite; exported as DPO preference pairs."""
+"""Thumbs up / down and better answers, stored in SQLite; exported as DPO preference pairs.
+
+Anyone who can reach the chat can type a "better answer", so every row is stored as
+``pending``; only rows a person approved (``data export-feedback --approve ...``) become
+preference pairs.
+"""
 from __future__ import annotations
 
 import json
@@ -14,8 +19,10 @@ CREATE TABLE IF NOT EXISTS feedback (
     prompt TEXT NOT NULL,          -- JSON: the exact chat messages the model answered
     answer TEXT NOT NULL,
     rating INTEGER NOT NULL,       -- +1 thumbs up, -1 thumbs down
-    better_answer TEXT             -- optional correction written by the user
+    better_answer TEXT,            -- optional correction written by the user
+    review TEXT NOT NULL DEFAULT 'pending'  -- pending, approved or rejected
 )"""
+REVIEWS = ("pending", "approved", "rejected")
 
 
 class FeedbackStore:
@@ -24,6 +31,9 @@ class FeedbackStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as db:
             db.execute(SCHEMA)
+            columns = {row[1] for row in db.execute("PRAGMA table_info(feedback)")}
+            if "review" not in columns:  # a database from before reviews: its rows start pending
+                db.execute("ALTER TABLE feedback ADD COLUMN review TEXT NOT NULL DEFAULT 'pending'")
 
     def _connect(self):
         return sqlite3.connect(self.path)
@@ -39,16 +49,25 @@ class FeedbackStore:
                 (time.time(), variant, json.dumps(prompt), answer, rating, (better_answer or "").strip() or None))
             return int(cursor.lastrowid)
 
-    def rows(self) -> list[dict]:
+    def rows(self, review: str | None = None) -> list[dict]:
         with self._connect() as db:
             db.row_factory = sqlite3.Row
-            return [dict(r) for r in db.execute("SELECT * FROM feedback ORDER BY id")]
+            if review is None:
+                return [dict(r) for r in db.execute("SELECT * FROM feedback ORDER BY id")]
+            return [dict(r) for r in db.execute("SELECT * FROM feedback WHERE review = ? ORDER BY id", (review,))]
+
+    def set_review(self, ids: list[int], review: str) -> int:
+        """Mark rows approved / rejected / pending; returns how many rows exist among ``ids``."""
+        if review not in REVIEWS:
+            raise ValueError(f"review must be one of {REVIEWS}")
+        with self._connect() as db:
+            return sum(db.execute("UPDATE feedback SET review = ? WHERE id = ?", (review, i)).rowcount for i in ids)
 
 
 def export_pairs(store: FeedbackStore, out: Path) -> int:
-    """Preference pairs in the dataset stage's format: a better answer beats the rated one;
-    a thumbs-up answer beats a thumbs-down answer to the same prompt."""
-    rows = store.rows()
+    """Preference pairs in the dataset stage's format, from approved rows only: a better
+    answer beats the rated one; a thumbs-up answer beats a thumbs-down answer to the same prompt."""
+    rows = store.rows("approved")
     pairs = []
     for row in rows:
         if row["better_answer"] and row["better_answer"] != row["answer"]:

@@ -1,0 +1,47 @@
+"""What this CPU offers the numeric paths: read once from /proc/cpuinfo (Linux) or torch."""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+
+
+@lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def features() -> dict[str, bool]:
+    """Each feature the numeric paths care about, present or not."""
+    flags = cpu_flags()
+    return {name: name in flags for name in FEATURES}
+
+
+def has_int8_dot_product() -> bool:
+    """VNNI (AVX-512 or AVX) multiplies u8 x s8 into int32 directly. Without it fbgemm's AVX2
+    kernel adds pairs of u8 x s8 products in int16, which saturates unless activations keep
+    to 7 bits (PyTorch's reduce_range=True)."""
+    flags = cpu_flags()
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
+def describe() -> str:
+    """One line naming the CPU model and its relevant features, for reports."""
+    name = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    present = [f for f, on in features().items() if on]
+    return f"{name} ({', '.join(present) or 'no AVX2'})"
