@@ -1,16 +1,18 @@
-"""The ``int8-decode`` numeric path (pipeline/numeric.py): bf16 weights for the prompt, int8
-weights with per-token activation scales for each decoded token."""
+"""The ``int8-decode`` numeric path (pipeline/numeric.py): full-precision weights for the prompt
+(bf16 where the CPU multiplies bf16 natively, else fp32), int8 weights with per-token activation
+scales for each decoded token."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from pipeline.cpu import has_int8_dot_product
+from pipeline.cpu import has_int8_dot_product, has_native_bf16
 
 
 class PrefillDecodeLinear(torch.nn.Module):
-    """A linear layer with two copies of its weight: bf16 for many-token calls (the prompt),
-    int8 per output channel for one-token calls (decoding).
+    """A linear layer with two copies of its weight: ``prefill_dtype`` (bf16 with native bf16,
+    else fp32) for many-token calls (the prompt), int8 per output channel for one-token calls
+    (decoding).
 
     Input ``(..., T, in)``, output ``(..., T, out)`` in the input's dtype. For ``T == 1`` each
     row of a batch is quantised on its own (fbgemm's dynamic linear takes one activation scale
@@ -20,7 +22,8 @@ class PrefillDecodeLinear(torch.nn.Module):
     def __init__(self, linear: torch.nn.Linear):
         super().__init__()
         weight = linear.weight.detach().float()
-        self.register_buffer("weight", weight.to(torch.bfloat16))
+        self.prefill_dtype = torch.bfloat16 if has_native_bf16() else torch.float32
+        self.register_buffer("weight", weight.to(self.prefill_dtype))
         self.bias = None if linear.bias is None else linear.bias.detach().float()
         scale = (weight.abs().amax(dim=1) / 127).clamp(min=1e-8).double()
         zero = torch.zeros_like(scale, dtype=torch.long)
@@ -30,7 +33,7 @@ class PrefillDecodeLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-2] != 1:
-            out = F.linear(x.to(torch.bfloat16), self.weight).to(x.dtype)
+            out = F.linear(x.to(self.prefill_dtype), self.weight).to(x.dtype)
             return out if self.bias is None else out + self.bias.to(x.dtype)
         rows = x.float().reshape(-1, 1, x.shape[-1]).unbind(0)
         # All 8 bits for the activation where the CPU has VNNI; 7 bits where it has only AVX2,

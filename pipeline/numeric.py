@@ -8,11 +8,13 @@
   inputs, as LLM.int8() describes), so prompts lose precision: 24-26 key-fact points on the
   held-out questions (reports/eval.md).
 - ``int8-decode`` keeps what makes int8 fast and drops what makes it lossy: the prompt (prefill)
-  runs through bf16 weights, and each decoded token through int8 per-channel weights with its
-  activations quantised per token and over the full 8-bit range. A decode step is one token, so
-  its scale is that token's own. Measured (reports/bench.md, reports/int8-decode-check/): 2.5x
-  the fp32 decode speed, 1.4x faster first token, -2.3 key-fact points on the 225 held-out
-  questions (dpo), 76% of answers identical to fp32's.
+  runs through full-precision weights (bf16 where the CPU multiplies bf16 natively, fp32
+  elsewhere: emulated bf16 is slower than fp32), and each decoded token through int8
+  per-channel weights with its activations quantised per token. A decode step is one token, so
+  its scale is that token's own. The activation uses all 8 bits only where the CPU has VNNI;
+  on AVX2 alone fbgemm sums u8 x s8 pairs in int16, which saturates on full-range inputs, so
+  7 bits are used there (pipeline/cpu.py). The earlier measurement of this path on an AVX2
+  CPU (-2.3 key-fact points, reports/int8-decode-check/) ran with 8 bits, saturating.
 """
 from __future__ import annotations
 

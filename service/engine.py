@@ -208,10 +208,10 @@ class Engine:
         yield Reply(text, passages, variant, 0, len(text.split()))
 
     def refusal_threshold(self, variant: str) -> float | None:
-        """The answer-or-refuse threshold the variant's stage chose on the dev split."""
-        from pipeline.answerability import threshold_of
+        """The answer-or-refuse threshold chosen on the variant's dev-split curve."""
+        from pipeline.decision import served_threshold
 
-        return None if variant == "base" or self.remote_url else threshold_of(self.artifacts, variant)
+        return None if self.remote_url else served_threshold(self.artifacts, variant)
 
     def _generate(self, messages, passages, tokenizer, model, variant, settings):
         import torch

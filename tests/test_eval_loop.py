@@ -87,3 +87,21 @@ def test_sign_test_by_hand():
     assert sign_test(0, 4) == 0.125
     assert sign_test(3, 3) == 1.0 and sign_test(0, 0) == 1.0
     assert sign_test(5, 1) == pytest.approx(round(2 * (1 + 6) / 64, 3))  # P(X <= 1) of Binomial(6, 1/2), twice
+
+
+def test_operating_curve_and_the_served_point():
+    from pipeline.answerability import best_threshold, operating_curve
+    from pipeline.decision import most_correct
+
+    scores = [-3.0, -2.0, -1.0, -0.5, -0.4, -0.2]  # refusal log-probabilities on six dev prompts
+    silent = [False, False, False, True, False, True]
+    curve = operating_curve(scores, silent)
+    assert curve[0] == {"threshold": -4.0, "abstention": 1.0, "false_refusal": 1.0}  # refuse all
+    assert curve[-1]["abstention"] == 0.0 and curve[-1]["false_refusal"] == 0.0  # answer all
+    at = {p["threshold"]: p for p in curve}
+    assert at[-0.75] == {"threshold": -0.75, "abstention": 1.0, "false_refusal": 0.25}
+    assert best_threshold(curve)["threshold"] == -0.75  # balanced accuracy (1 + 0.75) / 2
+    # most right decisions with 4 answerable, 2 silent: -0.75 gets 3 + 2 = 5, -0.3 gets 4 + 1 = 5,
+    # the earliest of equals wins
+    assert most_correct(curve, 4, 2)["threshold"] == -0.75
+    assert most_correct(curve, 40, 2)["threshold"] == -0.3  # many answerable: refuse less

@@ -72,7 +72,7 @@ class Run:
 
 
 def evaluate(artifacts, records, retriever, settings: EvalSettings, perplexity_texts: list[str]) -> list[Run]:
-    from pipeline.answerability import threshold_of
+    from pipeline.decision import served_threshold
     from pipeline.numeric import to_numeric_path
     from pipeline.scoring import text_perplexity
     from pipeline.training import chain_of, load_causal_lm
@@ -90,7 +90,7 @@ def evaluate(artifacts, records, retriever, settings: EvalSettings, perplexity_t
     for variant in built:
         model, tokenizer = load_causal_lm(artifacts, [] if variant == "base" else chain_of(artifacts, variant))
         model.eval()
-        threshold = threshold_of(artifacts, variant) if settings.decide and variant != "base" else None
+        threshold = served_threshold(artifacts, variant) if settings.decide else None
         configs = [("template", True, "fp32")]
         if variant in settings.no_retrieval_variants:
             configs.append(("template", False, "fp32"))

@@ -64,8 +64,10 @@ def comparisons(runs: list, seed: int = 0) -> list[dict]:
             if run.layout in ("template", "sentence") and run.retrieval and run.numeric == "fp32"}
     out = []
     for variant, run in main.items():
+        if variant == "extractive":
+            continue
         against = [other for other in ("base", "extractive", PREVIOUS_STAGE.get(variant))
-                   if other and other != variant and other in main]
+                   if other and other != variant and other in main and not (variant == "base" and other != "extractive")]
         for other in dict.fromkeys(against):
             reference = main[other]
             answerable = [(a["fact_hit"], b["fact_hit"]) for a, b in zip(run.rows, reference.rows) if a["answerable"]]
