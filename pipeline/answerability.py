@@ -2,9 +2,10 @@
 
 A trained variant refuses when the refusal's mean token log-probability given the prompt
 (pipeline.generation.refusal_scores) is above a threshold. The threshold is chosen on the
-dev split (``sft_val.jsonl``: train records no trainer saw), never on eval: the one that
+dev split (``sft_val.jsonl``: train records no trainer saw), never on eval. The one that
 maximises balanced accuracy, (abstention on silent prompts + answering on answerable ones) / 2,
-the earliest of equals. The whole curve is recorded so a reader can pick another point.
+the earliest of equals, is recorded in the stage's metrics; eval and the engine serve the
+point with the most correct decisions (``most_correct``). The whole curve is recorded.
 """
 from __future__ import annotations
 
@@ -55,7 +56,24 @@ def calibrate(model, tokenizer, dev_rows: list[dict], out_dir: Path, batch_size:
             "dev_false_refusal": best["false_refusal"], "dev_rows": len(dev_rows)}
 
 
-def threshold_of(artifacts, variant: str) -> float | None:
-    """The threshold a built variant recorded (None for base, or a variant built without one)."""
-    meta = artifacts.meta(variant) or {}
-    return meta.get("metrics", {}).get("refusal_threshold")
+def most_correct(curve: list[dict], answerable: int, silent: int) -> dict:
+    """The curve point with the most right decisions: answered answerable + refused silent.
+
+    This is the served point. Answerable questions outnumber silent ones (about 3 to 1 in both
+    splits); on the quick profile the balanced point for sft refused 39% of answerable dev
+    questions to abstain on 71% of silent ones, where this point refuses 2% and abstains on 20%."""
+    return max(curve, key=lambda p: (1 - p["false_refusal"]) * answerable + p["abstention"] * silent)
+
+
+def served_threshold(artifacts, variant: str) -> float | None:
+    """The threshold eval and the engine use for ``variant`` (None: base, or no curve)."""
+    if variant == "base" or artifacts.meta(variant) is None:
+        return None
+    path = artifacts.dir(variant) / "answerability.json"
+    if not path.exists():
+        return (artifacts.meta(variant) or {}).get("metrics", {}).get("refusal_threshold")
+    record = json.loads(path.read_text())
+    if not record.get("curve"):
+        return None
+    silent = record["dev_silent"]
+    return most_correct(record["curve"], record["dev_rows"] - silent, silent)["threshold"]

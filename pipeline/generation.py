@@ -26,10 +26,11 @@ def prompt_text(tokenizer, conversation: list[dict]) -> str:
 
 
 def refusal_word_ids(tokenizer) -> list[list[int]]:
-    """Token sequences that make up the refusal sentence, to ban when the decision is "answer"."""
-    body = REFUSAL.rstrip(".").split(" ", 2)[-1]  # "documents do not contain the answer"
-    return [tokenizer(" " + body, add_special_tokens=False)["input_ids"],
-            tokenizer(body, add_special_tokens=False)["input_ids"]]
+    """Token sequences to ban when the decision is "answer": the refusal's opening ("The
+    provided") and its verb phrase ("do not contain"). Banning only the whole sentence lets the
+    model finish it with another word ("... do not contain the idea"), a refusal in all but name."""
+    return [tokenizer(text, add_special_tokens=False)["input_ids"]
+            for text in ("The provided", " The provided", " do not contain", "do not contain")]
 
 
 def refusal_scores(model, tokenizer, conversations: list[list[dict]], batch_size: int = 8,

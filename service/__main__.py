@@ -26,7 +26,7 @@ NEEDED = ("base", "index")
 SHIPPED = REPO_ROOT / "adapters"  # small trained LoRA adapters that `make pipeline` reproduces
 # "auto" serves the first of these that is built (or shipped): best measured first, see
 # README "Results". The shipped adapters make it the aligned model on a fresh machine.
-VARIANT_PREFERENCE = ("dpo", "sft", "ppo", "base")
+VARIANT_PREFERENCE = ("sft", "dpo", "ppo", "base")
 
 
 def install_shipped(artifacts: Artifacts) -> list[str]:

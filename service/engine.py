@@ -20,9 +20,8 @@ from pipeline.retrieval.settings import RetrievalSettings
 log = logging.getLogger("service.engine")
 VARIANTS = ("base", "sft", "ppo", "dpo")
 MAX_MESSAGE_CHARS = 4000
-# fp32 (merged LoRA) by default: every faster path costs more than the 1-point key-fact budget
-# (reports/eval.md, "Fast numeric paths against fp32"; int8-decode, the best, -2.3 points on all
-# 225 held-out questions for dpo at 2.5x the decode speed: reports/int8-decode-check/).
+# fp32 (merged LoRA) by default: no faster path has been scored against fp32 on the current
+# prompts and metric (eval.numeric_paths=[int8-decode] does it; see README "Speed").
 DEFAULT_NUMERIC = "fp32"
 EMPTY_MESSAGE_REPLY = "Please type a question, for example: What does the KL penalty in RLHF do?"
 
@@ -209,7 +208,7 @@ class Engine:
 
     def refusal_threshold(self, variant: str) -> float | None:
         """The answer-or-refuse threshold chosen on the variant's dev-split curve."""
-        from pipeline.decision import served_threshold
+        from pipeline.answerability import served_threshold
 
         return None if self.remote_url else served_threshold(self.artifacts, variant)
 

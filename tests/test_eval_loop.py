@@ -90,8 +90,7 @@ def test_sign_test_by_hand():
 
 
 def test_operating_curve_and_the_served_point():
-    from pipeline.answerability import best_threshold, operating_curve
-    from pipeline.decision import most_correct
+    from pipeline.answerability import best_threshold, most_correct, operating_curve
 
     scores = [-3.0, -2.0, -1.0, -0.5, -0.4, -0.2]  # refusal log-probabilities on six dev prompts
     silent = [False, False, False, True, False, True]

@@ -72,7 +72,7 @@ class Run:
 
 
 def evaluate(artifacts, records, retriever, settings: EvalSettings, perplexity_texts: list[str]) -> list[Run]:
-    from pipeline.decision import served_threshold
+    from pipeline.answerability import served_threshold
     from pipeline.numeric import to_numeric_path
     from pipeline.scoring import text_perplexity
     from pipeline.training import chain_of, load_causal_lm

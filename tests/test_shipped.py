@@ -1,0 +1,34 @@
+"""The adapters shipped for the first `make chat`: installed only where a stage is not built."""
+from __future__ import annotations
+
+import json
+
+from pipeline.artifacts import Artifacts
+from service import __main__ as service_main
+
+
+def test_shipped_adapters_fill_only_missing_stages(tmp_path, monkeypatch):
+    shipped = tmp_path / "adapters"
+    for stage in ("sft", "dpo"):
+        (shipped / stage / "adapter").mkdir(parents=True)
+        (shipped / stage / "meta.json").write_text(json.dumps({"stage": stage, "fingerprint": f"shipped-{stage}"}))
+    monkeypatch.setattr(service_main, "SHIPPED", shipped)
+    artifacts = Artifacts(tmp_path / "artifacts")
+    artifacts.dir("dpo").mkdir(parents=True)
+    artifacts.write_meta(artifacts.dir("dpo"), {"stage": "dpo", "fingerprint": "trained-here"})
+    assert service_main.choose_variant("auto", artifacts) == "dpo"
+    assert service_main.install_shipped(artifacts) == ["sft"]
+    assert artifacts.meta("sft")["fingerprint"] == "shipped-sft" and (artifacts.dir("sft") / "adapter").is_dir()
+    assert artifacts.meta("dpo")["fingerprint"] == "trained-here", "a built stage is never replaced"
+    assert service_main.install_shipped(artifacts) == []
+    assert service_main.choose_variant("auto", artifacts) == "sft"
+    assert service_main.choose_variant("base", artifacts) == "base"
+
+
+def test_the_shipped_sft_adapter_is_complete():
+    folder = service_main.SHIPPED / "sft"
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["stage"] == "sft" and meta["metrics"]["adapter_chain"] == ["sft"]
+    assert (folder / "adapter" / "adapter_model.safetensors").stat().st_size > 1_000_000
+    curve = json.loads((folder / "answerability.json").read_text())
+    assert curve["curve"] and curve["dev_rows"] > curve["dev_silent"] > 0
