@@ -222,7 +222,7 @@ def build_app(engine: Engine, default_variant: str = "base", library=None, feedb
     docs = {} if api_key is None else {"docs_url": None, "redoc_url": None, "openapi_url": None}
     api = FastAPI(title="alignrag", **docs)
     install_error_handlers(api)
-    api.include_router(build_router(engine, api_key))
+    api.include_router(build_router(engine, api_key, default_variant))
     demo = build_ui(engine, default_variant, library, feedback).queue(default_concurrency_limit=1, max_size=32)
     return gr.mount_gradio_app(api, demo, path="", auth=auth_from_env(),
                                max_file_size=library.max_bytes if library else MAX_UPLOAD_BYTES)

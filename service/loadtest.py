@@ -174,7 +174,9 @@ def kill_during_rebuild(server: Server, work: Path) -> dict:
     status, _ = ask(server.url, "Who proposed Adam?", 4)
     body = httpx.post(f"{server.url}/v1/chat/completions", timeout=120, json={
         "max_tokens": 4, "messages": [{"role": "user", "content": "Who proposed Adam?"}]}).json()
+    listing, _ = Client(server.url + "/", verbose=False).predict(note.name, api_name="/remove_document")
     return {"restarted": True, "status_after": status, "sources_after": len(body.get("sources", [])),
+            "upload_survived_and_removed": note.name not in listing,
             "ok": status == 200 and len(body.get("sources", [])) > 0}
 
 

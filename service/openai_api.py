@@ -47,7 +47,7 @@ class ChatMessage(BaseModel):
 
 
 class ChatRequest(BaseModel):
-    model: str = "base"
+    model: str | None = None  # None: the variant the server serves by default
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_TURNS)
     stream: bool = False
     temperature: float = Field(0.0, ge=0.0, le=2.0)
@@ -127,8 +127,9 @@ def install_error_handlers(app) -> None:
     app.add_exception_handler(Unauthorized, unauthorized)
 
 
-def build_router(engine: Engine, api_key: str | None = None) -> APIRouter:
-    """The /v1 routes; with ``api_key`` every one needs ``Authorization: Bearer <api_key>``."""
+def build_router(engine: Engine, api_key: str | None = None, default_variant: str = "base") -> APIRouter:
+    """The /v1 routes; with ``api_key`` every one needs ``Authorization: Bearer <api_key>``.
+    A request that names no model gets ``default_variant``."""
     router = APIRouter(prefix="/v1", dependencies=[Depends(bearer_check(api_key))])
 
     @router.get("/models")
@@ -138,6 +139,7 @@ def build_router(engine: Engine, api_key: str | None = None) -> APIRouter:
 
     @router.post("/chat/completions")
     def chat(request: ChatRequest):
+        request.model = request.model or default_variant
         try:
             question, history = split_conversation(request.messages)
             settings = GenerationSettings(request.temperature, request.top_p, request.max_tokens)
