@@ -234,7 +234,7 @@ def main(argv=None) -> int:
     from pipeline.cpu import describe
 
     work = Path(tempfile.mkdtemp(prefix="alignrag-loadtest-"))
-    server_args = [*args.server_args, "--max-waiting", str(max_waiting), "--queue-timeout", "120",
+    server_args = [*args.server_args, "--max-waiting", str(max_waiting), "--queue-timeout", "300",
                    "--feedback-db", str(work / "feedback.sqlite")]
     server = Server(server_args, work / "server.log")
     results = {"command": "python -m service.loadtest " + " ".join(argv if argv is not None else sys.argv[1:]),
