@@ -85,6 +85,7 @@ class Engine:
         self.index_dir = Path(index_dir) if index_dir else None
         self._retriever = None
         self._models: dict[str, tuple] = {}
+        self._thresholds: dict[str, float | None] = {}  # read once per variant, like its weights
         # One load at a time: concurrent from_pretrained calls (a variant and the embedder, from
         # two request threads) race on transformers' global loading state and can leave a
         # later model's tied weights on the meta device.
@@ -210,7 +211,11 @@ class Engine:
         """The answer-or-refuse threshold chosen on the variant's dev-split curve."""
         from pipeline.answerability import served_threshold
 
-        return None if self.remote_url else served_threshold(self.artifacts, variant)
+        if self.remote_url:
+            return None
+        if variant not in self._thresholds:
+            self._thresholds[variant] = served_threshold(self.artifacts, variant)
+        return self._thresholds[variant]
 
     def _generate(self, messages, passages, tokenizer, model, variant, settings):
         import torch
