@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", default="reports/custom", help="where --docs/--qa reports go")
     _add_profile(evaluate)
 
+    calibrate = commands.add_parser("calibrate", help="fit a built variant's copy-decoding selector on the dev split")
+    calibrate.add_argument("--variant", required=True, choices=("sft", "dpo", "ppo"))
+    _add_profile(calibrate)
+
     retrieval_eval = commands.add_parser("retrieval-eval", help="recall/MRR/nDCG on data/qa/eval.jsonl")
     retrieval_eval.add_argument("--tune", action="store_true",
                                 help="rank hybrid fusion settings on the training questions instead")
@@ -87,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
                         datefmt="%H:%M:%S")
     for noisy in ("faiss", "bm25s", "httpx", "sentence_transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # sacreBLEU warns on every sentence score that effective_order is off; it is off on purpose
+    # (pipeline/evaluation/metrics.py bleu), so one line per answer would only bury the log.
+    logging.getLogger("sacrebleu").setLevel(logging.ERROR)
     args = build_parser().parse_args(argv)
     try:
         cfg = load_config(args.profile, args.overrides)
@@ -102,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline.evaluation.commands import run_eval_command
 
             run_eval_command(cfg, args.docs, args.qa, args.out, args.overrides)
+        elif args.command == "calibrate":
+            from pipeline.copying import calibrate_built
+
+            print(json.dumps(calibrate_built(cfg, args.variant), indent=2))
         elif args.command == "retrieval-eval":
             from pipeline.evaluation.commands import run_retrieval_eval
 

@@ -124,6 +124,13 @@ def cited_numbers(answer: str) -> list[int]:
     return seen
 
 
+def cite(answer: str, number: int) -> str:
+    """``answer`` with `` [number]`` before its final punctuation."""
+    body = answer.rstrip()
+    end = body[-1] if body and body[-1] in ".!?" else ""
+    return f"{body[:-1] if end else body} [{number}]{end or '.'}"
+
+
 def strip_citations(answer: str) -> str:
     """The answer without its [n] markers, so a bare citation is never read as a fact."""
     return " ".join(_CITATION.sub(" ", answer).split())

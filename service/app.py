@@ -53,13 +53,14 @@ def build_ui(engine: Engine, default_variant: str = "base", library=None, feedba
     default_variant = default_variant if default_variant in variants else variants[0]
 
     def respond(message, chat, answered, variant, use_retrieval, temperature, top_p, max_new_tokens,
-                repetition_penalty):
+                repetition_penalty, copy_decoding=True):
         chat = list(chat or [])
         answered = dict(answered or {})
         history = history_pairs(chat)
         chat.append({"role": "user", "content": message})
         chat.append({"role": "assistant", "content": ""})
-        settings = GenerationSettings(temperature, top_p, int(max_new_tokens), repetition_penalty)
+        settings = GenerationSettings(temperature, top_p, int(max_new_tokens), repetition_penalty,
+                                      copy_decoding=bool(copy_decoding))
         try:
             for reply in engine.stream(message, history=history, variant=variant,
                                        use_retrieval=use_retrieval, settings=settings):
@@ -152,13 +153,15 @@ def build_ui(engine: Engine, default_variant: str = "base", library=None, feedba
                     variant = gr.Dropdown(variants, value=default_variant, label="Model variant")
                     use_retrieval = gr.Checkbox(True, label="Retrieve passages")
                     with gr.Accordion("Generation settings", open=False):
+                        copy_decoding = gr.Checkbox(True, label="Copy decoding: reply with one cited passage "
+                                                    "sentence or the refusal (greedy, trained variants)")
                         temperature = gr.Slider(0.0, 1.5, 0.0, step=0.05, label="Temperature (0 = greedy)")
                         top_p = gr.Slider(0.1, 1.0, 0.9, step=0.05, label="Top-p")
                         max_new = gr.Slider(16, 512, 160, step=16, label="Max new tokens")
                         repetition = gr.Slider(1.0, 2.0, 1.0, step=0.05, label="Repetition penalty (1 = off: lets the answer copy the passages)")
                     sources = gr.Markdown("_Sources appear here._", elem_id="sources")
             inputs = [message, chatbot, answered, variant, use_retrieval, temperature, top_p, max_new,
-                      repetition]
+                      repetition, copy_decoding]
             outputs = [chatbot, sources, message, answered]
             send.click(respond, inputs, outputs, api_name="chat")
             message.submit(respond, inputs, outputs, api_name=False)

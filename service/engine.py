@@ -45,6 +45,9 @@ class GenerationSettings:
     # penalises copying the passage's words, which is how a 135M model answers best.
     repetition_penalty: float = 1.0
     deadline_seconds: float = 120.0  # generation stops here even if the client still waits
+    # Greedy replies of a variant with a copy-decoding selector copy one shown sentence with its
+    # [n], or refuse (pipeline/copying.py); False, or temperature > 0, decodes freely.
+    copy_decoding: bool = True
 
 
 @dataclass
@@ -86,6 +89,7 @@ class Engine:
         self._retriever = None
         self._models: dict[str, tuple] = {}
         self._thresholds: dict[str, float | None] = {}  # read once per variant, like its weights
+        self._selectors: dict[str, object] = {}  # copy-decoding selectors, read once per variant
         # One load at a time: concurrent from_pretrained calls (a variant and the embedder, from
         # two request threads) race on transformers' global loading state and can leave a
         # later model's tied weights on the meta device.
@@ -158,8 +162,13 @@ class Engine:
         messages, passages, tokenizer, model = self.prepare(question, history, variant, use_retrieval)
         self._wait_for_slot()
         try:
-            replies = (self._generate_remote(messages, passages, variant, settings) if self.remote_url
-                       else self._generate(messages, passages, tokenizer, model, variant, settings))
+            selector = self.selector(variant) if settings.copy_decoding and settings.temperature == 0 else None
+            if self.remote_url:
+                replies = self._generate_remote(messages, passages, variant, settings)
+            elif selector is not None and passages:
+                replies = self._copy(messages, passages, tokenizer, model, variant, selector)
+            else:
+                replies = self._generate(messages, passages, tokenizer, model, variant, settings)
             try:
                 for reply in replies:
                     reply.messages = messages
@@ -216,6 +225,28 @@ class Engine:
         if variant not in self._thresholds:
             self._thresholds[variant] = served_threshold(self.artifacts, variant)
         return self._thresholds[variant]
+
+    def selector(self, variant: str):
+        """The variant's copy-decoding selector (pipeline/copying.py), or None."""
+        from pipeline.copying import load_selector
+
+        if self.remote_url or variant == "base" or self.artifacts.meta(variant) is None:
+            return None
+        if variant not in self._selectors:
+            self._selectors[variant] = load_selector(self.artifacts.dir(variant))
+        return self._selectors[variant]
+
+    def _copy(self, messages, passages, tokenizer, model, variant, selector):
+        """One reply: the shown sentence the selector picks, with its [n], or the refusal."""
+        import torch
+
+        from pipeline.copying import featurize
+        from pipeline.generation import prompt_text
+
+        prompt_tokens = len(tokenizer(prompt_text(tokenizer, messages), add_special_tokens=False)["input_ids"])
+        with torch.inference_mode():
+            text = selector.reply(featurize(model, tokenizer, self.retriever.embedder, messages))
+        yield Reply(text, passages, variant, prompt_tokens, len(tokenizer(text, add_special_tokens=False)["input_ids"]))
 
     def _generate(self, messages, passages, tokenizer, model, variant, settings):
         import torch

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline.errors import UserError
+from pipeline.prompt import REFUSAL
 from service.engine import EMPTY_MESSAGE_REPLY, MAX_MESSAGE_CHARS, Engine, GenerationSettings, MessageTooLong, Reply
 
 SHORT = GenerationSettings(max_new_tokens=12)
@@ -152,3 +153,26 @@ def test_decide_then_answer_uses_the_variant_threshold(engine, monkeypatch):
     monkeypatch.setattr(engine, "refusal_threshold", lambda variant: 1e9)  # never above: answer
     reply = engine.answer("Who proposed Adam?", variant="sft", settings=SHORT)
     assert reply.text != REFUSAL and "do not contain the answer" not in reply.text
+
+
+def test_copy_decoding_serves_a_cited_passage_sentence(served_artifacts):
+    import json
+
+    from pipeline.copying import SETTINGS_FILE, Linear, Selector
+
+    overlap_only = Selector(Linear([0] * 4, [1] * 4, [0, 1, 0, 0], 0.0), Linear([0] * 3, [1] * 3, [0, 0, 0], 0.0), 1.0)
+    path = served_artifacts / "sft" / SETTINGS_FILE
+    path.write_text(json.dumps({"selector": overlap_only.to_dict()}))
+    try:
+        engine = Engine(served_artifacts, numeric="fp32")
+        replies = list(engine.stream("Who proposed Adam?", variant="sft"))
+        assert [r.text for r in replies] == ["Adam was proposed by Diederik Kingma and Jimmy Ba in 2014 [1]."]
+        assert replies[0].completion_tokens > 10 and replies[0].prompt_tokens > 20
+        free = engine.answer("Who proposed Adam?", variant="sft",
+                             settings=GenerationSettings(max_new_tokens=12, copy_decoding=False))
+        assert free.text != replies[0].text, "unticking copy decoding decodes freely"
+        always_silent = Selector(overlap_only.sentence, Linear([0] * 3, [1] * 3, [0, 0, 0], 5.0), 1.0)
+        engine._selectors["sft"] = always_silent  # silence score 5 > threshold 1: refuse
+        assert engine.answer("Who proposed Adam?", variant="sft").text == REFUSAL
+    finally:
+        path.unlink()

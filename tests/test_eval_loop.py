@@ -46,6 +46,29 @@ def test_evaluate_scores_every_row_and_applies_the_refusal_threshold(served_arti
     assert "perplexity" in sft.extra
 
 
+@pytest.mark.slow
+def test_copy_decoding_rows_copy_a_shown_sentence_and_compare_with_free_decoding(served_artifacts, tmp_path):
+    from pipeline.copying import SETTINGS_FILE, Linear, Selector
+    from pipeline.evaluation.report import comparisons
+
+    artifacts = Artifacts(served_artifacts)
+    retriever = Retriever(artifacts.require("index"))
+    overlap_only = Selector(Linear([0] * 4, [1] * 4, [0, 1, 0, 0], 0.0), Linear([0] * 3, [1] * 3, [0, 0, 0], 0.0), 1.0)
+    path = artifacts.dir("sft") / SETTINGS_FILE
+    path.write_text(json.dumps({"selector": overlap_only.to_dict()}))
+    try:
+        runs = evaluate(artifacts, RECORDS, retriever, EvalSettings(max_new_tokens=6, batch_size=3,
+                        extractive_baseline=False, variants=["sft"],
+                        free_decoding_variants=["sft"]), [])
+    finally:
+        path.unlink()
+    assert [run.name for run in runs] == ["sft / template / rag", "sft / copy / rag"]
+    copied = runs[1]
+    assert copied.answers[0] == "Adam was proposed by Diederik Kingma and Jimmy Ba in 2014 [1]."
+    assert copied.rows[0]["fact_hit"] and copied.rows[1]["fact_hit"]
+    assert [(c["variant"], c["against"]) for c in comparisons(runs)] == [("sft copy", "sft")]
+
+
 def _run(variant: str, answers: list[str], records, passages) -> Run:
     run = Run(variant, "template" if variant != "extractive" else "sentence", True)
     run.answers = answers

@@ -32,3 +32,7 @@ def test_the_shipped_sft_adapter_is_complete():
     assert (folder / "adapter" / "adapter_model.safetensors").stat().st_size > 1_000_000
     curve = json.loads((folder / "answerability.json").read_text())
     assert curve["curve"] and curve["dev_rows"] > curve["dev_silent"] > 0
+    from pipeline.copying import load_selector
+
+    selector = load_selector(folder)
+    assert selector is not None and len(selector.sentence.weights) == 4, "copy decoding ships with sft"

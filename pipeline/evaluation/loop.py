@@ -1,7 +1,10 @@
 """Answer the held-out questions with every built variant and score the answers.
 
-For each variant: the project template with retrieval, answered as the service answers
-(greedy, the variant's answer-or-refuse threshold from the dev split). Optional rows: without
+For each variant: the project template with retrieval, answered as the service answers. A
+variant with a copy-decoding selector (pipeline/copying.py) copies one shown sentence or
+refuses (layout ``copy``); one without decodes greedily and answers or refuses by its dev-split
+threshold (layout ``template``). Optional rows: free decoding of a copying variant
+(``free_decoding_variants``), without
 retrieval (``no_retrieval_variants``); for the base model, its best plain layout (context
 then question in one user turn), so no gain is an artefact of a prompt it cannot read; and
 faster numeric paths against fp32 (``numeric_paths``). No reward model judges here: PPO was
@@ -31,6 +34,10 @@ class EvalSettings:
     max_new_tokens: int = 80  # greedy answer length cap (an answer past 60 words scores 0 anyway)
     batch_size: int = 8
     decide: bool = True  # trained variants answer or refuse by their dev-split threshold (as served)
+    # Variants with a copy-decoding selector (pipeline/copying.py) are scored as served: by copy
+    # decoding. Listed here, they are also scored decoding freely, for comparison (slower).
+    copy_decoding: bool = True
+    free_decoding_variants: list[str] = field(default_factory=list)
     perplexity_chunks: int = 24  # chunks of eval-only documents for held-out perplexity
     examples: int = 4  # questions shown side by side in reports/eval.md
     # Opt-in: faster numeric paths (pipeline/numeric.py) scored again against fp32, e.g.
@@ -73,6 +80,7 @@ class Run:
 
 def evaluate(artifacts, records, retriever, settings: EvalSettings, perplexity_texts: list[str]) -> list[Run]:
     from pipeline.answerability import served_threshold
+    from pipeline.copying import load_selector
     from pipeline.numeric import to_numeric_path
     from pipeline.scoring import text_perplexity
     from pipeline.training import chain_of, load_causal_lm
@@ -91,25 +99,33 @@ def evaluate(artifacts, records, retriever, settings: EvalSettings, perplexity_t
         model, tokenizer = load_causal_lm(artifacts, [] if variant == "base" else chain_of(artifacts, variant))
         model.eval()
         threshold = served_threshold(artifacts, variant) if settings.decide else None
-        configs = [("template", True, "fp32")]
+        selector = load_selector(artifacts.dir(variant)) if settings.copy_decoding and variant != "base" else None
+        configs = [("copy", True, "fp32")] if selector else []
+        if not selector or variant in settings.free_decoding_variants:
+            configs.insert(0, ("template", True, "fp32"))
         if variant in settings.no_retrieval_variants:
             configs.append(("template", False, "fp32"))
         if variant == "base" and settings.plain_layout_for_base:
             configs.append(("plain", True, "fp32"))
         if variant in settings.numeric_path_variants:
             configs += [("template", True, path) for path in settings.numeric_paths if path != "fp32"]
+        perplexity = None
         for layout, use_retrieval, numeric in configs:
             run = Run(variant, layout, use_retrieval, numeric)
             prompts = []
             for record, found in zip(records, passages):
                 shown = found if use_retrieval else []
-                prompts.append(build_messages(record.question, shown, record.history) if layout == "template"
-                               else build_plain_messages(record.question, shown))
+                prompts.append(build_plain_messages(record.question, shown) if layout == "plain"
+                               else build_messages(record.question, shown, record.history))
             answer_model = model if numeric == "fp32" else to_numeric_path(copy.deepcopy(model), numeric)
             run.extra["refusal_threshold"] = threshold if layout == "template" else None
-            answer_and_score(run, answer_model, tokenizer, prompts, records, passages, settings)
-            if layout == "template" and use_retrieval and numeric == "fp32":
-                run.extra["perplexity"] = text_perplexity(model, tokenizer, perplexity_texts)
+            if layout == "copy":
+                copy_and_score(run, model, tokenizer, retriever.embedder, selector, prompts, records, passages)
+            else:
+                answer_and_score(run, answer_model, tokenizer, prompts, records, passages, settings)
+            if layout != "plain" and use_retrieval and numeric == "fp32" and perplexity is None:
+                perplexity = text_perplexity(model, tokenizer, perplexity_texts)  # once per model
+                run.extra["perplexity"] = perplexity
             log.info("%s: %s", run.name, aggregate(run.rows))
             runs.append(run)
         del model
@@ -122,6 +138,15 @@ def answer_and_score(run: Run, model, tokenizer, prompts, records, passages, set
     started = time.time()
     run.answers = generate_batch(model, tokenizer, prompts, settings.max_new_tokens, settings.batch_size,
                                  desc=run.name, refusal_threshold=run.extra.get("refusal_threshold"))
+    run.seconds_per_answer = (time.time() - started) / max(1, len(records))
+    score_rows(run, records, passages)
+
+
+def copy_and_score(run: Run, model, tokenizer, embedder, selector, prompts, records, passages) -> None:
+    from pipeline.copying import copy_answers
+
+    started = time.time()
+    run.answers = copy_answers(model, tokenizer, embedder, selector, prompts, desc=run.name)
     run.seconds_per_answer = (time.time() - started) / max(1, len(records))
     score_rows(run, records, passages)
 

@@ -12,8 +12,19 @@ COLUMNS = [("key_fact_accuracy", "key-fact acc"), ("answer_accuracy", "correct (
            ("citation_precision", "citation prec"), ("token_f1", "F1"), ("rouge_l", "ROUGE-L"),
            ("bleu", "BLEU"), ("median_words", "median words"), ("repetition_rate", "repetition"),
            ("perplexity", "held-out ppl"), ("seconds_per_answer", "s/answer")]
-# Which earlier row each row is compared with, besides base and the extractive baseline.
-PREVIOUS_STAGE = {"sft": "base", "dpo": "sft", "ppo": "sft"}
+# Which earlier row each row is compared with, besides base and the extractive baseline. A
+# copy-decoding row ("sft copy") is compared with the same variant decoding freely.
+PREVIOUS_STAGE = {"sft": "base", "dpo": "sft", "ppo": "sft",
+                  "sft copy": "sft", "dpo copy": "dpo", "ppo copy": "ppo"}
+
+
+def row_key(run) -> str | None:
+    """The name a main row goes by in comparisons (None: not a main row)."""
+    if not run.retrieval or run.numeric != "fp32":
+        return None
+    if run.layout in ("template", "sentence"):
+        return run.variant
+    return f"{run.variant} copy" if run.layout == "copy" else None
 
 
 def summarise(run) -> dict:
@@ -58,10 +69,9 @@ def fast_path_costs(runs: list, summaries: list[dict]) -> list[dict]:
 
 def comparisons(runs: list, seed: int = 0) -> list[dict]:
     """Paired bootstrap 95% intervals of each main row against base, the extractive baseline
-    and its previous stage: key-fact accuracy (answerable questions) and "correct" (all
+    and its previous stage (a copy-decoding row: the same variant decoding freely): key-fact accuracy (answerable questions) and "correct" (all
     questions: the facts when answerable, a refusal when not)."""
-    main = {run.variant: run for run in runs
-            if run.layout in ("template", "sentence") and run.retrieval and run.numeric == "fp32"}
+    main = {row_key(run): run for run in runs if row_key(run)}
     out = []
     for variant, run in main.items():
         if variant == "extractive":

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.data.normalize import contains_fact
-from pipeline.prompt import (REFUSAL, build_messages, is_refusal, retrieval_query, shown_text,
+from pipeline.prompt import (REFUSAL, build_messages, cite, is_refusal, retrieval_query, shown_text,
                              split_sentences)
 
 PARENTS = ("base", "index")
@@ -58,13 +58,6 @@ class Config:
 
 def inputs(cfg) -> list[Path]:
     return [cfg.paths.resolve("qa") / "train.jsonl"]
-
-
-def cite(answer: str, number: int) -> str:
-    """``answer`` with `` [number]`` before its final punctuation."""
-    body = answer.rstrip()
-    end = body[-1] if body and body[-1] in ".!?" else ""
-    return f"{body[:-1] if end else body} [{number}]{end or '.'}"
 
 
 def _holds_facts(text: str, facts: list[list[str]]) -> bool:

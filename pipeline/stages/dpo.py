@@ -48,6 +48,7 @@ def run(config: Config, ctx) -> dict:
     from trl import DPOConfig, DPOTrainer
 
     from pipeline.answerability import calibrate
+    from pipeline.copying import calibrate_variant
     from pipeline.training import (chain_of, load_causal_lm, peft_config, read_rows, save_curves,
                                    trainer_arguments, write_history)
 
@@ -79,6 +80,7 @@ def run(config: Config, ctx) -> dict:
         ctx.log.warning("prefs_val.jsonl is empty: no held-out DPO metrics")
     trainer.model.save_pretrained(ctx.out_dir / "adapter")
     decision = calibrate(trainer.model, tokenizer, read_rows(data / "sft_val.jsonl"), ctx.out_dir)
+    decision.update(calibrate_variant(trainer.model, tokenizer, ctx.artifacts, ctx.config.paths.resolve("qa"), ctx.out_dir))
     shutil.rmtree(ctx.out_dir / "checkpoints", ignore_errors=True)
     history = trainer.state.log_history
     write_history(history, ctx.out_dir / "history.jsonl")

@@ -59,8 +59,10 @@ def run(config: Config, ctx) -> dict:
               f"seed {cfg.seed}, top_k={cfg.retrieval.top_k} {cfg.retrieval.mode} retrieval. "
               "Layout `template` is the project's prompt; `plain` is the base model's best plain layout; "
               "`extractive / sentence` is no model at all: the sentence of passage [1] sharing most words "
-              "with the question (pipeline/evaluation/baselines.py). Trained variants answer or refuse by "
-              "the threshold chosen on the dev split, as the service does. Key-fact accuracy matches each "
+              "with the question (pipeline/evaluation/baselines.py). Layout `copy` is copy decoding "
+              "(pipeline/copying.py): the reply is one shown sentence with its [n], or the refusal, picked "
+              "by the variant's selector fitted on the dev split; this is what the service serves. Trained "
+              "variants decoding freely (`template`) answer or refuse by the threshold chosen on the dev split. Key-fact accuracy matches each "
               "fact on word boundaries, ignores [n] markers and gives no credit past 60 words "
               "(pipeline/evaluation/metrics.py). Rows marked `bf16`, `int8` or `int8-decode` (opt-in) "
               "serve the same weights through a faster numeric path (pipeline/numeric.py).")
@@ -69,10 +71,11 @@ def run(config: Config, ctx) -> dict:
     metrics = {"questions": report["questions"],
                "retrieval_ndcg@10_hybrid": retrieval["modes"]["hybrid"]["ndcg@10"]}
     for summary in report["runs"]:
-        if summary["layout"] == "template" and summary["retrieval"] and summary["numeric"] == "fp32":
-            metrics[f"{summary['variant']}_key_fact_accuracy"] = summary["key_fact_accuracy"]
-            metrics[f"{summary['variant']}_abstention"] = summary["abstention_accuracy"]
-            metrics[f"{summary['variant']}_false_refusal"] = summary["false_refusal_rate"]
+        if summary["layout"] in ("template", "copy") and summary["retrieval"] and summary["numeric"] == "fp32":
+            name = summary["variant"] + ("_copy" if summary["layout"] == "copy" else "")
+            metrics[f"{name}_key_fact_accuracy"] = summary["key_fact_accuracy"]
+            metrics[f"{name}_abstention"] = summary["abstention_accuracy"]
+            metrics[f"{name}_false_refusal"] = summary["false_refusal_rate"]
     for cost in report["fast_path_costs"]:
         metrics[f"{cost['variant']}_{cost['numeric']}_key_fact_points"] = cost["key_fact_points"]
         metrics[f"{cost['variant']}_{cost['numeric']}_same_answers"] = cost["same_answers"]

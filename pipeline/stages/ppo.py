@@ -71,6 +71,7 @@ def run(config: Config, ctx) -> dict:
     from pipeline.rl.trainer import train
     from pipeline.scoring import reward_scores
     from pipeline.answerability import calibrate
+    from pipeline.copying import calibrate_variant
     from pipeline.evaluation.metrics import token_f1
     from pipeline.training import (chain_of, load_causal_lm, load_reward_model, peft_config, read_rows,
                                    write_history)
@@ -97,6 +98,7 @@ def run(config: Config, ctx) -> dict:
     shutil.copy(ctx.out_dir / "curves.png", ctx.reports_dir / "ppo_curves.png")
 
     decision = calibrate(policy, tokenizer, read_rows(data / "sft_val.jsonl"), ctx.out_dir)
+    decision.update(calibrate_variant(policy, tokenizer, ctx.artifacts, ctx.config.paths.resolve("qa"), ctx.out_dir))
     # Judged by token F1 against the dev targets, not by the reward model PPO optimised.
     dev = read_rows(data / "sft_val.jsonl")[: config.held_out_prompts]
     held_out = [row["prompt"] for row in dev]

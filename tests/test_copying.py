@@ -1,0 +1,117 @@
+"""Copy decoding: candidates come from the prompt, the selector learns from dev, replies copy."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline import copying
+from pipeline.copying import Candidates, Linear, Selector, candidates, fit, right
+from pipeline.prompt import REFUSAL, build_messages
+from tests.conftest import build_tiny_llama, build_tokenizer
+
+
+class P:
+    def __init__(self, title, text):
+        self.title, self.headers, self.text = title, "", text
+
+
+PASSAGES = [P("Adam", "Adam uses beta1 = 0.9 and beta2 = 0.999. It was proposed in 2014."),
+            P("Dropout", "Dropout zeroes units with probability p. The paper used p = 0.5.")]
+
+
+def test_candidates_are_the_shown_sentences_cited_to_their_passage():
+    question, replies = candidates(build_messages("What value of p did the dropout paper use?", PASSAGES))
+    assert question == "What value of p did the dropout paper use?"
+    assert replies == ["Adam uses beta1 = 0.9 and beta2 = 0.999 [1].", "It was proposed in 2014 [1].",
+                       "Dropout zeroes units with probability p [2].", "The paper used p = 0.5 [2]."]
+    assert candidates(build_messages("hello", []))[1] == []
+
+
+def test_right_needs_every_fact_and_refuses_only_silence():
+    assert right("The paper used p = 0.5 [2].", [["0.5"]])
+    assert not right("It was proposed in 2014 [1].", [["0.5"]])
+    assert not right(REFUSAL, [["0.5"]])
+    assert right(REFUSAL, None) and not right("The paper used p = 0.5 [2].", None)
+
+
+def _synthetic(seed: int, n: int = 40):
+    """Questions whose right sentence has the highest second feature; silent ones have low maxima."""
+    rng = np.random.default_rng(seed)
+    cands, facts = [], []
+    for i in range(n):
+        replies = [f"sentence {i} {j} [1]." for j in range(4)]
+        feats = rng.normal(size=(4, 4))
+        silent = i % 3 == 0
+        if silent:
+            feats[:, :3] -= 2.0
+            facts.append(None)
+        else:
+            good = int(rng.integers(4))
+            feats[good, 1] += 3.0
+            facts.append([[f"{i} {good}"]])
+        cands.append(Candidates(f"q{i}", replies, feats))
+    return cands, facts
+
+
+def test_fit_learns_which_sentence_and_when_to_refuse():
+    cands, facts = _synthetic(0)
+    selector, report = fit(cands, facts)
+    assert report["chosen"]["right"] >= 0.9 * len(cands)
+    assert selector.sentence.weights[1] == max(selector.sentence.weights), "the informative feature leads"
+    held_out, held_facts = _synthetic(1)
+    hits = sum(right(selector.reply(c), f) for c, f in zip(held_out, held_facts))
+    assert hits >= 0.85 * len(held_out)
+    # round trip through copying.json's form
+    again = Selector.from_dict(selector.to_dict())
+    assert [again.reply(c) for c in held_out] == [selector.reply(c) for c in held_out]
+
+
+def test_selector_refuses_above_threshold_and_without_candidates():
+    linear = Linear([0, 0, 0, 0], [1, 1, 1, 1], [0, 1, 0, 0], 0.0)
+    silence = Linear([0, 0, 0], [1, 1, 1], [-1, -1, -1], 0.0)
+    selector = Selector(linear, silence, threshold=0.0)
+    strong = Candidates("q", ["a [1].", "b [2]."], np.array([[1, 0.2, 1, 1], [1, 0.9, 1, 2]], float))
+    weak = Candidates("q", ["a [1].", "b [2]."], np.array([[-1, 0.2, -1, 1], [-1, 0.1, -1, 2]], float))
+    assert selector.reply(strong) == "b [2]."
+    assert selector.reply(weak) == REFUSAL
+    assert selector.reply(Candidates("q", [], np.zeros((0, 4)))) == REFUSAL
+
+
+class OverlapEmbedder:
+    """Bag-of-characters vectors: enough to give the similarity feature a value."""
+
+    def encode(self, texts):
+        vectors = np.zeros((len(texts), 128), dtype=np.float32)
+        for i, text in enumerate(texts):
+            for ch in text.lower():
+                vectors[i, ord(ch) % 128] += 1
+        return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def test_featurize_scores_every_candidate_with_the_model():
+    import torch
+
+    tokenizer = build_tokenizer()
+    model = build_tiny_llama(len(tokenizer))
+    messages = build_messages("Which value did the paper use for p?", PASSAGES)
+    c = copying.featurize(model, tokenizer, OverlapEmbedder(), messages)
+    assert c.features.shape == (4, len(copying.FEATURES))
+    likelihood = c.features[:, 0]
+    assert np.all(likelihood < 0) and len(set(np.round(likelihood, 6))) == 4, "one score per sentence"
+    # the batched score equals scoring one sentence alone
+    alone = copying.question_likelihoods(model, tokenizer, c.question, ["The paper used p = 0.5."])
+    assert alone[0] == pytest.approx(likelihood[3], abs=1e-3)
+    assert list(c.features[:, 3]) == [1, 1, 2, 2]
+    assert c.features[3, 1] > max(c.features[:3, 1]), "only the last sentence holds 'paper'"
+    with torch.no_grad():
+        assert copying.copy_answers(model, tokenizer, OverlapEmbedder(),
+                                    Selector(Linear([0] * 4, [1] * 4, [0, 1, 0, 0], 0),
+                                             Linear([0] * 3, [1] * 3, [0, 0, 0], -1), 0.0),
+                                    [messages]) == ["The paper used p = 0.5 [2]."]
+
+
+def test_fit_on_a_dev_split_with_one_class_still_decides():
+    cands, _ = _synthetic(2, n=4)
+    selector, report = fit(cands, [None] * 4)  # every dev row silent: refuse everything
+    assert all(selector.reply(c) == REFUSAL for c in cands)
+    assert report["chosen"]["abstention"] == 1.0
