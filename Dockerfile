@@ -12,6 +12,8 @@ COPY pipeline pipeline
 COPY service service
 COPY configs configs
 COPY data data
+# the trained adapters (and their dev-split refusal curve and copy selector) the first chat serves
+COPY adapters adapters
 # The CPU wheel of torch, so pip does not pull a multi-GB CUDA build.
 RUN python -m venv .venv \
     && .venv/bin/pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \

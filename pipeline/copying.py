@@ -9,9 +9,9 @@ paraphrase past the fact, and it cites the passage it copied.
 Which sentence, and whether to refuse, is decided from these features of each candidate:
 
 - ``question_likelihood``: the mean log-probability, under the served variant, of the user's
-  question given the sentence alone ("Passage: ... Write a question that this passage
-  answers."). Query likelihood reranking, as in UPR (arXiv 2204.07496): a sentence that
-  answers the question makes the question likely. All candidates go in one short batch.
+  question given the sentence alone ("Passage: <sentence>\nQuestion: <question>", plain
+  text). Query likelihood reranking, as in UPR (arXiv 2204.07496): a sentence that answers
+  the question makes the question likely. All candidates go in one short batch.
 - ``word_overlap``: the share of the question's content words the sentence holds.
 - ``embedding_similarity``: cosine of question and sentence under the index's embedder.
 - ``passage_rank``: the passage's place in the retrieval order (1 = best).
@@ -38,7 +38,9 @@ from pipeline.prompt import REFUSAL, cite, content_stems, is_refusal, split_sent
 SETTINGS_FILE = "copying.json"
 FEATURES = ("question_likelihood", "word_overlap", "embedding_similarity", "passage_rank")
 QUESTION_FEATURES = ("best_question_likelihood", "best_word_overlap", "best_embedding_similarity")
-QUESTION_PROMPT = "Passage: {sentence}\n\nWrite a question that this passage answers."
+# Plain text, no chat template: the template's default system prompt and turn markers would
+# more than double the tokens of each short sequence, and this is the one model call a reply costs.
+QUESTION_PROMPT = "Passage: {sentence}\nQuestion:"
 _HEADING = re.compile(r"^\[(\d{1,2})\] \(.*\)$")
 
 
@@ -81,9 +83,10 @@ def question_likelihoods(model, tokenizer, question: str, sentences: list[str]) 
     """Mean log p(question tokens | sentence) per sentence, one batch."""
     from pipeline.scoring import answer_logprobs
 
-    prompts = [[{"role": "user", "content": QUESTION_PROMPT.format(sentence=s)}] for s in sentences]
-    totals = answer_logprobs(model, tokenizer, prompts, [question] * len(sentences), batch_size=len(sentences))
-    length = max(1, len(tokenizer(question, add_special_tokens=False)["input_ids"]))
+    prompts = [QUESTION_PROMPT.format(sentence=s) for s in sentences]
+    asked = " " + question.strip()
+    totals = answer_logprobs(model, tokenizer, prompts, [asked] * len(sentences), batch_size=len(sentences))
+    length = max(1, len(tokenizer(asked, add_special_tokens=False)["input_ids"]))
     return [t / length for t in totals]
 
 
@@ -237,13 +240,10 @@ def calibrate_variant(model, tokenizer, artifacts, qa_dir: Path, out_dir: Path) 
 def calibrate_built(cfg, variant: str) -> dict:
     """(Re)fit the selector of a variant that is already built (``python -m pipeline calibrate``)."""
     from pipeline.artifacts import Artifacts
-    from pipeline.errors import UserError
-    from pipeline.training import chain_of, load_causal_lm
+    from pipeline.training import load_variant
 
     artifacts = Artifacts(cfg.paths.resolve("artifacts"))
-    if artifacts.meta(variant) is None:
-        raise UserError(f"variant '{variant}' is not built; run: python -m pipeline run --only {variant}")
-    model, tokenizer = load_causal_lm(artifacts, chain_of(artifacts, variant))
+    model, tokenizer = load_variant(artifacts, variant)
     return calibrate_variant(model, tokenizer, artifacts, cfg.paths.resolve("qa"), artifacts.dir(variant))
 
 

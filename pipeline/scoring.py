@@ -16,11 +16,12 @@ def reward_scores(model, tokenizer, conversations: list[list[dict]], batch_size:
     return scores
 
 
-def answer_logprobs(model, tokenizer, prompts: list[list[dict]], answers: list[str],
+def answer_logprobs(model, tokenizer, prompts: list[list[dict]] | list[str], answers: list[str],
                     batch_size: int = 8, desc: str | None = None) -> list[float]:
     """Sum of log p(answer tokens | prompt) under ``model``, teacher-forced; one per answer.
 
-    Rows are left-padded with explicit position ids, so every answer ends at the last
+    A prompt is chat messages (the chat template and the assistant's turn are applied) or
+    plain text (continued as is). Rows are left-padded with explicit position ids, so every answer ends at the last
     position and the vocabulary projection runs only over the answer positions."""
     import torch
     from tqdm.auto import tqdm
@@ -30,7 +31,8 @@ def answer_logprobs(model, tokenizer, prompts: list[list[dict]], answers: list[s
     for start in tqdm(starts, desc=desc, unit="batch", disable=desc is None):
         rows = []
         for prompt, answer in zip(prompts[start:start + batch_size], answers[start:start + batch_size]):
-            head = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+            head = prompt if isinstance(prompt, str) else tokenizer.apply_chat_template(
+                prompt, add_generation_prompt=True, tokenize=False)
             head_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
             answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
             rows.append((head_ids, answer_ids))

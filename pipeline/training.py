@@ -64,6 +64,19 @@ def load_causal_lm(artifacts, chain: list[str]):
     return model, tokenizer
 
 
+def load_variant(artifacts, variant: str, numeric: str = "fp32"):
+    """(model, tokenizer) of a variant, in eval mode: the base weights with every LoRA adapter
+    of the variant merged in (none for "base"), then converted to the numeric path
+    (pipeline/numeric.py). The one loader eval, the engine, the bench and calibration use."""
+    from pipeline.errors import UserError
+    from pipeline.numeric import to_numeric_path
+
+    if variant != "base" and artifacts.meta(variant) is None:
+        raise UserError(f"variant '{variant}' is not built; run: python -m pipeline run --only {variant}")
+    model, tokenizer = load_causal_lm(artifacts, chain_of(artifacts, variant) if variant != "base" else [])
+    return to_numeric_path(model.eval(), numeric), tokenizer
+
+
 def chain_of(artifacts, stage: str) -> list[str]:
     """The adapter chain a built stage recorded (e.g. ["sft", "dpo"])."""
     meta = artifacts.meta(stage) or {}

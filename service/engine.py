@@ -16,6 +16,7 @@ from pipeline.artifacts import Artifacts
 from pipeline.errors import UserError
 from pipeline.prompt import REFUSAL, build_messages, fit_history, retrieval_query
 from pipeline.retrieval.settings import RetrievalSettings
+from pipeline.training import load_variant
 
 log = logging.getLogger("service.engine")
 VARIANTS = ("base", "sft", "ppo", "dpo")
@@ -60,18 +61,6 @@ class Reply:
     messages: list = field(default_factory=list)  # the exact prompt the model answered
 
 
-def load_variant(artifacts: Artifacts, variant: str, numeric: str = "fp32"):
-    """(model, tokenizer): every LoRA adapter of the variant merged in, then converted to the
-    numeric path (pipeline/numeric.py), for fast decoding."""
-    from pipeline.numeric import to_numeric_path
-    from pipeline.training import chain_of, load_causal_lm
-
-    if variant != "base" and artifacts.meta(variant) is None:
-        raise UserError(f"variant '{variant}' is not built; run: python -m pipeline run --only {variant}")
-    model, tokenizer = load_causal_lm(artifacts, chain_of(artifacts, variant) if variant != "base" else [])
-    return to_numeric_path(model.eval(), numeric), tokenizer
-
-
 class Engine:
     def __init__(self, artifacts_dir: Path, index_dir: Path | None = None,
                  retrieval: RetrievalSettings | None = None, max_concurrent: int = 1,
@@ -112,7 +101,7 @@ class Engine:
                 if len(self._models) >= 2:  # keep memory bounded: two variants at most
                     self._models.pop(next(iter(self._models)))
                 log.info("loading variant %s", variant)
-                self._models[variant] = load_variant(self.artifacts, variant, self.numeric)
+                self._models[variant] = load_variant(self.artifacts, variant, self.numeric)  # merged
             return self._models[variant]
 
     @property

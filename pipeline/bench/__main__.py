@@ -23,7 +23,8 @@ def main(argv=None) -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 1_000_000])
     parser.add_argument("--hnsw-max", type=int, default=200_000, help="largest collection given an HNSW index")
     parser.add_argument("--variant", default="sft", help="model for the generation bench (falls back to base)")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["embedding", "index", "generation"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["embedding", "index", "generation", "answers"])
+    parser.add_argument("--answers", type=int, default=20, help="eval questions timed end to end")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     cfg = load_config(args.profile)
@@ -35,7 +36,10 @@ def main(argv=None) -> None:
 
     retriever = Retriever(artifacts.require("index"), cfg.retrieval)
     records = load_split(cfg.paths.resolve("qa"), "eval")
-    report: dict = {"machine_note": "same-run ratios; absolute numbers depend on the machine and its load"}
+    from pipeline.cpu import describe
+
+    report: dict = {"machine_note": "same-run ratios; absolute numbers depend on the machine and its load",
+                    "cpu": describe()}
     answerable = [r for r in records if r.answerable]
     if "embedding" not in args.skip:
         texts = [c.embed_text for c in retriever.chunks]
@@ -60,13 +64,13 @@ def main(argv=None) -> None:
         report["hybrid_query_on_project_index"] = {"chunks": len(retriever.chunks), **retrieval._percentiles(hybrid)}
         report["peak_rss_mb_after_index_bench"] = peak_rss_mb()
     if "generation" not in args.skip:
-        from pipeline.training import chain_of, load_causal_lm
+        from pipeline.training import load_variant
 
         variant = args.variant if artifacts.meta(args.variant) else "base"
-        model, tokenizer = load_causal_lm(artifacts, chain_of(artifacts, variant) if variant != "base" else [])
+        model, tokenizer = load_variant(artifacts, variant)
         messages = generation.rag_prompt(retriever, tokenizer)
         rows = {}
-        for name, path_model in generation.numeric_paths(model.eval()).items():
+        for name, path_model in generation.numeric_paths(model).items():
             rows[name] = generation.time_generation(path_model, tokenizer, messages)
         base = rows["fp32 (baseline)"]
         for row in rows.values():
@@ -75,6 +79,15 @@ def main(argv=None) -> None:
         fastest = max(rows, key=lambda n: rows[n]["decode_tokens_per_s"])
         report["generation"] = {"variant": variant, "paths": rows, "fastest": fastest}
         report["peak_rss_mb"] = peak_rss_mb()
+    if "answers" not in args.skip:
+        from pipeline.copying import load_selector
+        from pipeline.training import load_variant
+
+        variant = args.variant if artifacts.meta(args.variant) else "base"
+        model, tokenizer = load_variant(artifacts, variant)
+        selector = load_selector(artifacts.dir(variant)) if variant != "base" else None
+        report["answers"] = {"variant": variant, **generation.answer_latency(
+            retriever, model, tokenizer, selector, [r.question for r in answerable[:args.answers]])}
     out = cfg.paths.resolve("reports")
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(report, indent=2))
@@ -89,7 +102,8 @@ def _table(rows: list[dict]) -> list[str]:
 
 
 def render(report: dict) -> str:
-    lines = ["# Benchmarks", "", "Made by `make bench` (`python -m pipeline.bench`); " + report["machine_note"] + ".", ""]
+    lines = ["# Benchmarks", "", "Made by `make bench` (`python -m pipeline.bench`); " + report["machine_note"] + ".",
+             "", f"CPU: {report.get('cpu', 'not recorded')}.", ""]
     if "embedding" in report:
         lines += ["## Embedding the project's chunks (all-MiniLM-L6-v2)", ""]
         lines += _table([{"path": k, **v} for k, v in report["embedding"].items()]) + [""]
@@ -105,6 +119,20 @@ def render(report: dict) -> str:
         lines += _table([{"path": k, **v} for k, v in g["paths"].items()]) + [""]
         lines += [f"Fastest: {g['fastest']}. Its quality cost (key-fact accuracy against fp32 on the "
                   "held-out questions) is measured by the eval stage: see reports/eval.md.", ""]
+    if "answers" in report:
+        a = report["answers"]
+        free = next(k for k in a if k.startswith("free_"))
+        lines += [f"## A RAG question answered end to end ({a['variant']} variant, {a['questions']} held-out "
+                  "questions, fp32)", "",
+                  "Retrieval, prompt and reply. Free decoding writes a fixed "
+                  f"{free.split('_')[1]}-token answer; copy decoding (the served path, pipeline/copying.py) "
+                  "scores the shown sentences and returns one.", ""]
+        rows = [{"path": free.replace("_", " "), **a[free]}]
+        if "copy_decoding" in a:
+            rows.append({"path": "copy decoding", **a["copy_decoding"]})
+        lines += _table(rows) + [""]
+        if "copy_speedup_p50" in a:
+            lines += [f"Copy decoding is {a['copy_speedup_p50']}x faster at the median.", ""]
     if "peak_rss_mb" in report:
         lines += [f"Peak resident memory of the bench process: {report['peak_rss_mb']} MB.", ""]
     return "\n".join(lines)

@@ -50,3 +50,36 @@ def time_generation(model, tokenizer, messages, new_tokens: int = 64, repeats: i
     first, whole = statistics.median(ttft), statistics.median(total)
     return {"prompt_tokens": int(batch["input_ids"].shape[1]), "ttft_s": round(first, 3),
             "decode_tokens_per_s": round((new_tokens - 1) / max(1e-6, whole - first), 2)}
+
+
+def answer_latency(retriever, model, tokenizer, selector, questions: list[str], new_tokens: int = 40) -> dict:
+    """End to end, per question (retrieval, prompt, reply): free greedy decoding of
+    ``new_tokens`` tokens (fp32) against copy decoding (pipeline/copying.py), p50/p95 seconds."""
+    import torch
+
+    from pipeline.bench.retrieval import _percentiles as percentiles
+    from pipeline.copying import featurize
+    from pipeline.prompt import build_messages
+
+    free, copied = [], []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with torch.inference_mode():
+        for question in questions:
+            started = time.perf_counter()
+            messages = build_messages(question, retriever.search(question))
+            batch = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                                  return_dict=True)
+            model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                           pad_token_id=pad)
+            free.append(time.perf_counter() - started)
+            if selector is not None:
+                started = time.perf_counter()
+                messages = build_messages(question, retriever.search(question))
+                selector.reply(featurize(model, tokenizer, retriever.embedder, messages))
+                copied.append(time.perf_counter() - started)
+    report = {"questions": len(questions), f"free_{new_tokens}_tokens": percentiles(free)}
+    if copied:
+        report["copy_decoding"] = percentiles(copied)
+        report["copy_speedup_p50"] = round(report[f"free_{new_tokens}_tokens"]["p50_ms"]
+                                           / report["copy_decoding"]["p50_ms"], 2)
+    return report

@@ -83,7 +83,7 @@ def evaluate(artifacts, records, retriever, settings: EvalSettings, perplexity_t
     from pipeline.copying import load_selector
     from pipeline.numeric import to_numeric_path
     from pipeline.scoring import text_perplexity
-    from pipeline.training import chain_of, load_causal_lm
+    from pipeline.training import load_variant
 
     passages = [retriever.search(retrieval_query(r.question, r.history)) for r in records]
     runs: list[Run] = []
@@ -96,8 +96,7 @@ def evaluate(artifacts, records, retriever, settings: EvalSettings, perplexity_t
         score_rows(run, records, passages)
         runs.append(run)
     for variant in built:
-        model, tokenizer = load_causal_lm(artifacts, [] if variant == "base" else chain_of(artifacts, variant))
-        model.eval()
+        model, tokenizer = load_variant(artifacts, variant)
         threshold = served_threshold(artifacts, variant) if settings.decide else None
         selector = load_selector(artifacts.dir(variant)) if settings.copy_decoding and variant != "base" else None
         configs = [("copy", True, "fp32")] if selector else []
