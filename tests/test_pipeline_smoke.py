@@ -29,15 +29,20 @@ def test_tiny_profile_end_to_end(tmp_path):
     reward = artifacts.meta("reward")["metrics"]
     assert reward["held_out_pairs"] > 0 and reward["held_out_accuracy"] is not None
     assert sft["refusal_threshold"] is not None  # chosen on the dev split
+    for variant in ("sft", "dpo", "ppo"):  # each fits its copy-decoding selector on the dev split
+        assert (artifacts.dir(variant) / "copying.json").exists(), variant
+        assert 0 <= artifacts.meta(variant)["metrics"]["copy_dev_right"] <= 1
 
     report = json.loads((tmp_path / "reports/eval.json").read_text())
     runs = {(r["variant"], r["layout"], r["retrieval"]) for r in report["runs"]}
-    assert runs == {("base", "template", True), ("sft", "template", True), ("dpo", "template", True),
-                    ("ppo", "template", True), ("extractive", "sentence", True)}
+    # trained variants are scored as served: copy decoding with the selector fitted on dev
+    assert runs == {("base", "template", True), ("sft", "copy", True), ("dpo", "copy", True),
+                    ("ppo", "copy", True), ("extractive", "sentence", True)}
     assert all(r["key_fact_accuracy"] is not None for r in report["runs"])
     assert report["questions"] == cfg.eval.max_questions and report["fast_path_costs"] == []
     compared = {(c["variant"], c["against"]) for c in report["comparisons"]}
-    assert {("sft", "base"), ("dpo", "sft"), ("ppo", "sft"), ("dpo", "extractive")} <= compared
+    assert {("sft copy", "base"), ("dpo copy", "sft copy"), ("ppo copy", "sft copy"),
+            ("dpo copy", "extractive")} <= compared
     retrieval = json.loads((tmp_path / "reports/retrieval.json").read_text())
     assert set(retrieval["modes"]) == {"dense", "bm25", "hybrid"}
     for name in ("eval.md", "eval.png", "sft_loss.png", "reward_margins.png", "dpo_curves.png", "ppo_curves.png"):

@@ -12,10 +12,19 @@ COLUMNS = [("key_fact_accuracy", "key-fact acc"), ("answer_accuracy", "correct (
            ("citation_precision", "citation prec"), ("token_f1", "F1"), ("rouge_l", "ROUGE-L"),
            ("bleu", "BLEU"), ("median_words", "median words"), ("repetition_rate", "repetition"),
            ("perplexity", "held-out ppl"), ("seconds_per_answer", "s/answer")]
-# Which earlier row each row is compared with, besides base and the extractive baseline. A
-# copy-decoding row ("sft copy") is compared with the same variant decoding freely.
-PREVIOUS_STAGE = {"sft": "base", "dpo": "sft", "ppo": "sft",
-                  "sft copy": "sft", "dpo copy": "dpo", "ppo copy": "ppo"}
+# The stage each variant was trained from: its rows are compared with that stage's served row.
+PREVIOUS_STAGE = {"sft": "base", "dpo": "sft", "ppo": "sft"}
+
+
+def previous_rows(key: str, main: dict) -> list[str]:
+    """Rows a main row is compared with besides base and extractive: for a copy row, the same
+    variant decoding freely; then the previous stage's served row (its copy row if scored)."""
+    variant, _, layout = key.partition(" ")
+    rows = [variant] if layout == "copy" and variant in main else []
+    stage = PREVIOUS_STAGE.get(variant)
+    if stage:
+        rows.append(f"{stage} copy" if f"{stage} copy" in main else stage)
+    return rows
 
 
 def row_key(run) -> str | None:
@@ -76,8 +85,8 @@ def comparisons(runs: list, seed: int = 0) -> list[dict]:
     for variant, run in main.items():
         if variant == "extractive":
             continue
-        against = [other for other in ("base", "extractive", PREVIOUS_STAGE.get(variant))
-                   if other and other != variant and other in main and not (variant == "base" and other != "extractive")]
+        against = [other for other in ("base", "extractive", *previous_rows(variant, main))
+                   if other != variant and other in main and not (variant == "base" and other != "extractive")]
         for other in dict.fromkeys(against):
             reference = main[other]
             answerable = [(a["fact_hit"], b["fact_hit"]) for a, b in zip(run.rows, reference.rows) if a["answerable"]]
