@@ -102,7 +102,7 @@ def test_generation_is_bounded_and_queued(served_artifacts, monkeypatch):
     # the three threads loaded the retriever and a model: no load may have raced another and
     # left transformers' loading state behind (a later model's tied head on the meta device)
     from pipeline.artifacts import Artifacts
-    from service.engine import load_variant
+    from pipeline.training import load_variant
 
     later, _ = load_variant(Artifacts(served_artifacts), "base")
     assert later.lm_head.weight.device.type == "cpu"
