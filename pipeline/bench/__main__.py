@@ -25,6 +25,7 @@ def main(argv=None) -> None:
     parser.add_argument("--variant", default="sft", help="model for the generation bench (falls back to base)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["embedding", "index", "generation", "answers"])
     parser.add_argument("--answers", type=int, default=20, help="eval questions timed end to end")
+    parser.add_argument("--out", default="bench", help="report name: reports/<out>.json and .md")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     cfg = load_config(args.profile)
@@ -90,8 +91,8 @@ def main(argv=None) -> None:
             retriever, model, tokenizer, selector, [r.question for r in answerable[:args.answers]])}
     out = cfg.paths.resolve("reports")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps(report, indent=2))
-    (out / "bench.md").write_text(render(report))
+    (out / f"{args.out}.json").write_text(json.dumps(report, indent=2))
+    (out / f"{args.out}.md").write_text(render(report))
     print(render(report))
 
 
