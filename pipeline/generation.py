@@ -1,4 +1,5 @@
-"""Batched greedy generation from chat messages, and the answer-or-refuse decision.
+"""Generation from chat messages: batched greedy (eval, dataset), streamed (the chat engine),
+and the answer-or-refuse decision both use.
 
 Decide, then answer: a variant trained to refuse carries a ``refusal_threshold`` chosen on the
 dev split (pipeline/answerability.py). The refusal's mean token log-probability under the
@@ -72,3 +73,63 @@ def generate_batch(model, tokenizer, conversations: list[list[dict]], max_new_to
         for i, text in zip(chunk, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
             answers[i] = text.strip()
     return answers
+
+
+def stream_text(model, tokenizer, messages: list[dict], max_new_tokens: int = 160, temperature: float = 0.0,
+                top_p: float = 0.9, repetition_penalty: float = 1.0, refusal_threshold: float | None = None,
+                deadline_seconds: float = 120.0):
+    """Yield the growing reply to one conversation, as the model writes it.
+
+    With ``refusal_threshold``, decide first: above it the one reply is the refusal, with
+    nothing generated; below it the model answers with the refusal's words banned. Generation
+    runs in a thread; closing this generator (a caller that stopped reading) stops it at the
+    next decode step, and it stops by itself after ``deadline_seconds``."""
+    import threading
+    import time
+
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+    extra = {}
+    if refusal_threshold is not None:
+        if refusal_scores(model, tokenizer, [messages])[0] > refusal_threshold:
+            yield REFUSAL
+            return
+        extra["bad_words_ids"] = refusal_word_ids(tokenizer)
+    batch = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                          return_dict=True)
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    kwargs = dict(**batch, streamer=streamer, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+                  repetition_penalty=repetition_penalty, pad_token_id=pad, **extra)
+    if temperature > 0:
+        kwargs.update(temperature=temperature, top_p=top_p)
+    stop, failure = threading.Event(), []
+    deadline = time.monotonic() + deadline_seconds
+
+    class StopWhenAbandoned(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return stop.is_set() or time.monotonic() > deadline
+
+    kwargs["stopping_criteria"] = StoppingCriteriaList([StopWhenAbandoned()])
+
+    def work():
+        try:
+            with torch.inference_mode():
+                model.generate(**kwargs)
+        except BaseException as err:  # surfaced to the caller below
+            failure.append(err)
+            streamer.end()
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    text = ""
+    try:
+        for piece in streamer:
+            text += piece
+            yield text
+    finally:
+        stop.set()
+        thread.join()
+    if failure:
+        raise RuntimeError(f"generation failed: {failure[0]}") from failure[0]

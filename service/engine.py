@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
 from pipeline.artifacts import Artifacts
 from pipeline.errors import UserError
-from pipeline.prompt import REFUSAL, build_messages, fit_history, retrieval_query
+from pipeline.prompt import build_messages, fit_history, retrieval_query
 from pipeline.retrieval.settings import RetrievalSettings
 from pipeline.training import load_variant
 
@@ -238,62 +237,25 @@ class Engine:
         yield Reply(text, passages, variant, prompt_tokens, len(tokenizer(text, add_special_tokens=False)["input_ids"]))
 
     def _generate(self, messages, passages, tokenizer, model, variant, settings):
-        import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+        """Free decoding, streamed (pipeline/generation.py ``stream_text``): decide, then answer."""
+        from pipeline.generation import prompt_text, stream_text
 
-        from pipeline.generation import refusal_scores, refusal_word_ids
+        def count(text: str) -> int:
+            return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
-        batch = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                              return_tensors="pt", return_dict=True)
-        prompt_tokens = int(batch["input_ids"].shape[1])
-        threshold = self.refusal_threshold(variant)
-        extra = {}
-        if threshold is not None:  # decide, then answer (pipeline/generation.py)
-            if refusal_scores(model, tokenizer, [messages])[0] > threshold:
-                yield Reply(REFUSAL, passages, variant, prompt_tokens,
-                            len(tokenizer(REFUSAL, add_special_tokens=False)["input_ids"]))
-                return
-            extra["bad_words_ids"] = refusal_word_ids(tokenizer)
-        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        sampling = settings.temperature > 0
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        kwargs = dict(**batch, streamer=streamer, max_new_tokens=settings.max_new_tokens,
-                      do_sample=sampling, repetition_penalty=settings.repetition_penalty,
-                      pad_token_id=pad, **extra)
-        if sampling:
-            kwargs.update(temperature=settings.temperature, top_p=settings.top_p)
-        failure: list[BaseException] = []
-        stop = threading.Event()  # set when nobody waits any more: the generate loop ends
-
-        class StopWhenAbandoned(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs):
-                return stop.is_set() or time.monotonic() > deadline
-
-        deadline = time.monotonic() + settings.deadline_seconds
-        kwargs["stopping_criteria"] = StoppingCriteriaList([StopWhenAbandoned()])
-
-        def work():
-            try:
-                with torch.inference_mode():
-                    model.generate(**kwargs)
-            except BaseException as err:  # surfaced to the caller below
-                failure.append(err)
-                streamer.end()
-
-        thread = threading.Thread(target=work, daemon=True)
-        thread.start()
+        prompt_tokens = count(prompt_text(tokenizer, messages))
+        pieces = stream_text(model, tokenizer, messages, max_new_tokens=settings.max_new_tokens,
+                             temperature=settings.temperature, top_p=settings.top_p,
+                             repetition_penalty=settings.repetition_penalty,
+                             refusal_threshold=self.refusal_threshold(variant),
+                             deadline_seconds=settings.deadline_seconds)
         text = ""
         try:
-            for piece in streamer:
-                text += piece
+            for text in pieces:
                 yield Reply(text, passages, variant)
-        finally:  # the caller stopped reading (a dropped stream): end generation within a step
-            stop.set()
-            thread.join()
-        if failure:
-            raise RuntimeError(f"generation failed: {failure[0]}") from failure[0]
-        completion = len(tokenizer(text, add_special_tokens=False)["input_ids"])
-        yield Reply(text, passages, variant, prompt_tokens, completion)
+        finally:  # the caller stopped reading (a dropped stream): generation ends within a step
+            pieces.close()
+        yield Reply(text, passages, variant, prompt_tokens, count(text))
 
     def answer(self, question: str, **kwargs) -> Reply:
         reply = Reply("")
