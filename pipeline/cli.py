@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_profile(evaluate)
 
     calibrate = commands.add_parser("calibrate", help="fit a built variant's copy-decoding selector on the dev split")
-    calibrate.add_argument("--variant", required=True, choices=("sft", "dpo", "ppo"))
+    calibrate.add_argument("--variant", required=True, choices=("base", "sft", "dpo", "ppo"),
+                           help="base too: its selector measures what copy decoding does without training")
     _add_profile(calibrate)
 
     retrieval_eval = commands.add_parser("retrieval-eval", help="recall/MRR/nDCG on data/qa/eval.jsonl")

@@ -218,7 +218,7 @@ class Engine:
         """The variant's copy-decoding selector (pipeline/copying.py), or None."""
         from pipeline.copying import load_selector
 
-        if self.remote_url or variant == "base" or self.artifacts.meta(variant) is None:
+        if self.remote_url or self.artifacts.meta(variant) is None:
             return None
         if variant not in self._selectors:
             self._selectors[variant] = load_selector(self.artifacts.dir(variant))

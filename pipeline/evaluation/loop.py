@@ -98,7 +98,7 @@ def evaluate(artifacts, records, retriever, settings: EvalSettings, perplexity_t
     for variant in built:
         model, tokenizer = load_variant(artifacts, variant)
         threshold = served_threshold(artifacts, variant) if settings.decide else None
-        selector = load_selector(artifacts.dir(variant)) if settings.copy_decoding and variant != "base" else None
+        selector = load_selector(artifacts.dir(variant)) if settings.copy_decoding else None
         configs = [("copy", True, "fp32")] if selector else []
         if not selector or variant in settings.free_decoding_variants:
             configs.insert(0, ("template", True, "fp32"))
