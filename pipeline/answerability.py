@@ -15,17 +15,22 @@ from pathlib import Path
 from pipeline.prompt import REFUSAL
 
 
+def candidate_thresholds(scores: list[float]) -> list[float]:
+    """Every midpoint between the sorted distinct scores, plus one below and one above them all:
+    each distinct way to split the scores into refuse (above) and answer."""
+    ordered = sorted(set(scores))
+    return [ordered[0] - 1.0] + [(a + b) / 2 for a, b in zip(ordered, ordered[1:])] + [ordered[-1] + 1.0]
+
+
 def operating_curve(scores: list[float], should_refuse: list[bool]) -> list[dict]:
-    """For each candidate threshold (every midpoint between sorted scores, plus both ends):
-    abstention (refused / should refuse) and false refusal (refused / should answer)."""
+    """For each candidate threshold: abstention (refused / should refuse) and false refusal
+    (refused / should answer)."""
     if not scores:
         return []
-    ordered = sorted(set(scores))
-    cuts = [ordered[0] - 1.0] + [(a + b) / 2 for a, b in zip(ordered, ordered[1:])] + [ordered[-1] + 1.0]
     silent = sum(should_refuse) or 1
     answerable = (len(should_refuse) - sum(should_refuse)) or 1
     curve = []
-    for cut in cuts:
+    for cut in candidate_thresholds(scores):
         refused = [s > cut for s in scores]
         curve.append({"threshold": round(cut, 5),
                       "abstention": round(sum(r and q for r, q in zip(refused, should_refuse)) / silent, 4),

@@ -32,8 +32,10 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.answerability import candidate_thresholds
 from pipeline.data.normalize import contains_fact
-from pipeline.prompt import REFUSAL, cite, content_stems, is_refusal, split_sentences, strip_citations
+from pipeline.prompt import (REFUSAL, cite, cited_numbers, content_stems, is_refusal, split_sentences,
+                             strip_citations)
 
 SETTINGS_FILE = "copying.json"
 FEATURES = ("question_likelihood", "word_overlap", "embedding_similarity", "passage_rank")
@@ -55,7 +57,7 @@ class Candidates:
     def question_features(self) -> np.ndarray:
         if not self.replies:
             return np.array([-20.0, 0.0, 0.0])
-        return self.features[:, :3].max(0)
+        return self.features[:, :len(QUESTION_FEATURES)].max(0)  # the best of the first features
 
 
 def candidates(messages: list[dict]) -> tuple[str, list[str]]:
@@ -99,7 +101,7 @@ def featurize(model, tokenizer, embedder, messages: list[dict]) -> Candidates:
     columns = [question_likelihoods(model, tokenizer, question, sentences),
                [word_overlap(question, s) for s in sentences],
                (vectors[1:] @ vectors[0]).tolist(),
-               [int(re.search(r"\[(\d+)\]", r).group(1)) for r in replies]]
+               [cited_numbers(r)[0] for r in replies]]
     return Candidates(question, replies, np.array(columns, dtype=np.float64).T)
 
 
@@ -153,7 +155,7 @@ class Selector:
     def reply(self, c: Candidates) -> str:
         if not c.replies or self.silence_score(c) > self.threshold:
             return REFUSAL
-        return c.replies[int(np.argmax(self.sentence(c.features)))]
+        return _best_sentence(self.sentence, c)
 
     def to_dict(self) -> dict:
         return {"features": list(FEATURES), "question_features": list(QUESTION_FEATURES),
@@ -163,6 +165,11 @@ class Selector:
     @classmethod
     def from_dict(cls, raw: dict) -> "Selector":
         return cls(Linear(**raw["sentence"]), Linear(**raw["silence"]), float(raw["threshold"]))
+
+
+def _best_sentence(sentence: Linear, c: Candidates) -> str:
+    """The candidate ``sentence`` scores highest (the refusal when there is none)."""
+    return c.replies[int(np.argmax(sentence(c.features)))] if c.replies else REFUSAL
 
 
 def right(reply: str, facts: list[list[str]] | None) -> bool:
@@ -180,11 +187,9 @@ def fit(cands: list[Candidates], facts: list[list[list[str]] | None]) -> tuple[S
     sentence = Linear.fit(x, y)
     silence = Linear.fit(np.array([c.question_features() for c in cands]), np.array([f is None for f in facts]))
     scores = [float(silence(c.question_features())[0]) for c in cands]
-    picks = [c.replies[int(np.argmax(sentence(c.features)))] if c.replies else REFUSAL for c in cands]
-    ordered = sorted(set(scores))
-    cuts = [ordered[0] - 1.0] + [(a + b) / 2 for a, b in zip(ordered, ordered[1:])] + [ordered[-1] + 1.0]
+    picks = [_best_sentence(sentence, c) for c in cands]
     curve = []
-    for cut in cuts:
+    for cut in candidate_thresholds(scores):
         replies = [REFUSAL if s > cut else p for s, p in zip(scores, picks)]
         answerable = [(r, f) for r, f in zip(replies, facts) if f is not None]
         silent = [r for r, f in zip(replies, facts) if f is None]

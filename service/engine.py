@@ -60,6 +60,10 @@ class Reply:
     messages: list = field(default_factory=list)  # the exact prompt the model answered
 
 
+def token_count(tokenizer, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 class Engine:
     def __init__(self, artifacts_dir: Path, index_dir: Path | None = None,
                  retrieval: RetrievalSettings | None = None, max_concurrent: int = 1,
@@ -132,11 +136,7 @@ class Engine:
         model, tokenizer = self.model(variant)
         window = int(getattr(model.config, "max_position_embeddings", 2048))
         budget = min(window, 4096) // 2  # half the window for history, the rest for passages
-
-        def count(text: str) -> int:
-            return len(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-        history = fit_history(history, count, budget)
+        history = fit_history(history, lambda text: token_count(tokenizer, text), budget)
         return build_messages(question, passages, history), passages, tokenizer, model
 
     def stream(self, question: str, history: Sequence[tuple[str, str]] = (), variant: str = "base",
@@ -231,19 +231,16 @@ class Engine:
         from pipeline.copying import featurize
         from pipeline.generation import prompt_text
 
-        prompt_tokens = len(tokenizer(prompt_text(tokenizer, messages), add_special_tokens=False)["input_ids"])
         with torch.inference_mode():
             text = selector.reply(featurize(model, tokenizer, self.retriever.embedder, messages))
-        yield Reply(text, passages, variant, prompt_tokens, len(tokenizer(text, add_special_tokens=False)["input_ids"]))
+        yield Reply(text, passages, variant, token_count(tokenizer, prompt_text(tokenizer, messages)),
+                    token_count(tokenizer, text))
 
     def _generate(self, messages, passages, tokenizer, model, variant, settings):
         """Free decoding, streamed (pipeline/generation.py ``stream_text``): decide, then answer."""
         from pipeline.generation import prompt_text, stream_text
 
-        def count(text: str) -> int:
-            return len(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-        prompt_tokens = count(prompt_text(tokenizer, messages))
+        prompt_tokens = token_count(tokenizer, prompt_text(tokenizer, messages))
         pieces = stream_text(model, tokenizer, messages, max_new_tokens=settings.max_new_tokens,
                              temperature=settings.temperature, top_p=settings.top_p,
                              repetition_penalty=settings.repetition_penalty,
@@ -255,7 +252,7 @@ class Engine:
                 yield Reply(text, passages, variant)
         finally:  # the caller stopped reading (a dropped stream): generation ends within a step
             pieces.close()
-        yield Reply(text, passages, variant, prompt_tokens, count(text))
+        yield Reply(text, passages, variant, prompt_tokens, token_count(tokenizer, text))
 
     def answer(self, question: str, **kwargs) -> Reply:
         reply = Reply("")

@@ -64,11 +64,12 @@ def main(argv=None) -> None:
             hybrid.append(time.perf_counter() - started)
         report["hybrid_query_on_project_index"] = {"chunks": len(retriever.chunks), **retrieval._percentiles(hybrid)}
         report["peak_rss_mb_after_index_bench"] = peak_rss_mb()
-    if "generation" not in args.skip:
+    if not {"generation", "answers"} <= set(args.skip):  # one load serves both sections
         from pipeline.training import load_variant
 
         variant = args.variant if artifacts.meta(args.variant) else "base"
         model, tokenizer = load_variant(artifacts, variant)
+    if "generation" not in args.skip:
         messages = generation.rag_prompt(retriever, tokenizer)
         rows = {}
         for name, path_model in generation.numeric_paths(model).items():
@@ -82,10 +83,7 @@ def main(argv=None) -> None:
         report["peak_rss_mb"] = peak_rss_mb()
     if "answers" not in args.skip:
         from pipeline.copying import load_selector
-        from pipeline.training import load_variant
 
-        variant = args.variant if artifacts.meta(args.variant) else "base"
-        model, tokenizer = load_variant(artifacts, variant)
         selector = load_selector(artifacts.dir(variant)) if variant != "base" else None
         report["answers"] = {"variant": variant, **generation.answer_latency(
             retriever, model, tokenizer, selector, [r.question for r in answerable[:args.answers]])}

@@ -78,7 +78,7 @@ def fast_path_costs(runs: list, summaries: list[dict]) -> list[dict]:
 
 def comparisons(runs: list, seed: int = 0) -> list[dict]:
     """Paired bootstrap 95% intervals of each main row against base, the extractive baseline
-    and its previous stage (a copy-decoding row: the same variant decoding freely): key-fact accuracy (answerable questions) and "correct" (all
+    and ``previous_rows``: key-fact accuracy (answerable questions) and "correct" (all
     questions: the facts when answerable, a refusal when not)."""
     main = {row_key(run): run for run in runs if row_key(run)}
     out = []
