@@ -35,7 +35,7 @@ def refusal_word_ids(tokenizer) -> list[list[int]]:
 
 
 def refusal_scores(model, tokenizer, conversations: list[list[dict]], batch_size: int = 8,
-                   desc: str = "refusal scores") -> list[float]:
+                   desc: str | None = "refusal scores") -> list[float]:
     """Mean log-probability per token of the exact refusal as the reply to each conversation."""
     from pipeline.scoring import answer_logprobs
 
@@ -75,61 +75,140 @@ def generate_batch(model, tokenizer, conversations: list[list[dict]], max_new_to
     return answers
 
 
-def stream_text(model, tokenizer, messages: list[dict], max_new_tokens: int = 160, temperature: float = 0.0,
-                top_p: float = 0.9, repetition_penalty: float = 1.0, refusal_threshold: float | None = None,
-                deadline_seconds: float = 120.0):
-    """Yield the growing reply to one conversation, as the model writes it.
+class _RowStreamer:
+    """A transformers streamer for a batched ``generate``: hands each row's growing text to
+    ``emit(row, text)`` and ``emit(row, None)`` once the row has ended (end of turn, its own
+    token cap, or its caller gone). Finished rows keep receiving padding; it is ignored."""
 
-    With ``refusal_threshold``, decide first: above it the one reply is the refusal, with
-    nothing generated; below it the model answers with the refusal's words banned. Generation
-    runs in a thread; closing this generator (a caller that stopped reading) stops it at the
-    next decode step, and it stops by itself after ``deadline_seconds``."""
+    def __init__(self, tokenizer, caps: list[int], abandoned: list, emit):
+        self.tokenizer, self.caps, self.abandoned, self.emit = tokenizer, caps, abandoned, emit
+        self.ids: list[list[int]] = [[] for _ in caps]
+        self.done = [False] * len(caps)
+        self.stop_ids = set(_as_list(tokenizer.eos_token_id))
+        self.prompt_seen = False
+
+    def put(self, value) -> None:
+        if not self.prompt_seen:  # the first call hands over the prompt
+            self.prompt_seen = True
+            return
+        for row, token in enumerate(value.reshape(-1).tolist()):
+            if self.done[row]:
+                continue
+            if token in self.stop_ids or self.abandoned[row].is_set():
+                self._finish(row)
+                continue
+            self.ids[row].append(token)
+            text = self.tokenizer.decode(self.ids[row], skip_special_tokens=True)
+            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                self.emit(row, text)
+            if len(self.ids[row]) >= self.caps[row]:
+                self._finish(row)
+
+    def end(self) -> None:
+        for row in range(len(self.caps)):
+            if not self.done[row]:
+                self._finish(row)
+
+    def _finish(self, row: int) -> None:
+        self.done[row] = True
+        self.emit(row, None)
+
+
+def _as_list(value) -> list:
+    return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def stream_batch(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int | list[int] = 160,
+                 temperature: float = 0.0, top_p: float = 0.9, repetition_penalty: float = 1.0,
+                 refusal_threshold: float | None = None, deadline_seconds: float | list[float] = 120.0,
+                 abandoned: list | None = None, min_new_tokens: int = 0):
+    """Decode several conversations together, one batched decode step for all, and yield
+    ``(row, text)`` as each row's reply grows, then ``(row, None)`` when that row has ended.
+
+    With ``refusal_threshold``, decide first: rows whose refusal score is above it get the
+    refusal, with nothing generated; the rest answer with the refusal's words banned. Each row
+    has its own token cap and deadline, and ends at the next step once its ``abandoned`` event
+    is set (a caller that stopped reading). ``min_new_tokens`` holds off the end of turn (the
+    bench times fixed lengths). Generation runs in a thread; closing this generator
+    abandons every row and waits for that thread."""
+    import queue
     import threading
     import time
 
     import torch
-    from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+    from transformers import StoppingCriteria, StoppingCriteriaList
 
+    count = len(conversations)
+    caps = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * count
+    now = time.monotonic()
+    deadlines = [now + d for d in (deadline_seconds if isinstance(deadline_seconds, list)
+                                   else [deadline_seconds] * count)]
+    abandoned = abandoned or [threading.Event() for _ in range(count)]
+    rows = list(range(count))
     extra = {}
     if refusal_threshold is not None:
-        if refusal_scores(model, tokenizer, [messages])[0] > refusal_threshold:
-            yield REFUSAL
-            return
+        scores = refusal_scores(model, tokenizer, conversations, batch_size=max(1, count), desc=None)
+        for row in [r for r in rows if scores[r] > refusal_threshold]:
+            yield row, REFUSAL
+            yield row, None
+        rows = [r for r in rows if scores[r] <= refusal_threshold]
         extra["bad_words_ids"] = refusal_word_ids(tokenizer)
-    batch = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                          return_dict=True)
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    kwargs = dict(**batch, streamer=streamer, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
-                  repetition_penalty=repetition_penalty, pad_token_id=pad, **extra)
+    if not rows:
+        return
+    _prepare(tokenizer)
+    texts = [prompt_text(tokenizer, conversations[r]) for r in rows]
+    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    updates: queue.Queue = queue.Queue()
+    streamer = _RowStreamer(tokenizer, [caps[r] for r in rows], [abandoned[r] for r in rows],
+                            lambda i, text: updates.put((rows[i], text)))
+
+    class StopRows(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            clock = time.monotonic()
+            return torch.tensor([streamer.done[i] or abandoned[r].is_set() or clock > deadlines[r]
+                                 for i, r in enumerate(rows)], device=input_ids.device)
+
+    kwargs = dict(**batch, streamer=streamer, max_new_tokens=max(streamer.caps), do_sample=temperature > 0,
+                  repetition_penalty=repetition_penalty, pad_token_id=tokenizer.pad_token_id,
+                  stopping_criteria=StoppingCriteriaList([StopRows()]), min_new_tokens=min_new_tokens, **extra)
     if temperature > 0:
         kwargs.update(temperature=temperature, top_p=top_p)
-    stop, failure = threading.Event(), []
-    deadline = time.monotonic() + deadline_seconds
-
-    class StopWhenAbandoned(StoppingCriteria):
-        def __call__(self, input_ids, scores, **kwargs):
-            return stop.is_set() or time.monotonic() > deadline
-
-    kwargs["stopping_criteria"] = StoppingCriteriaList([StopWhenAbandoned()])
+    finished = object()
 
     def work():
         try:
             with torch.inference_mode():
                 model.generate(**kwargs)
         except BaseException as err:  # surfaced to the caller below
-            failure.append(err)
+            updates.put((None, err))
+        finally:
             streamer.end()
+            updates.put((None, finished))
 
     thread = threading.Thread(target=work, daemon=True)
     thread.start()
-    text = ""
     try:
-        for piece in streamer:
-            text += piece
-            yield text
+        while True:
+            row, item = updates.get()
+            if row is not None:
+                yield row, item
+            elif item is finished:
+                break
+            else:
+                raise RuntimeError(f"generation failed: {item}") from item
     finally:
-        stop.set()
+        for event in abandoned:
+            event.set()
         thread.join()
-    if failure:
-        raise RuntimeError(f"generation failed: {failure[0]}") from failure[0]
+
+
+def stream_text(model, tokenizer, messages: list[dict], max_new_tokens: int = 160, temperature: float = 0.0,
+                top_p: float = 0.9, repetition_penalty: float = 1.0, refusal_threshold: float | None = None,
+                deadline_seconds: float = 120.0):
+    """Yield the growing reply to one conversation, as the model writes it (``stream_batch``
+    with one row). Closing this generator stops generation at the next decode step."""
+    for _, text in stream_batch(model, tokenizer, [messages], max_new_tokens, temperature, top_p,
+                                repetition_penalty, refusal_threshold, deadline_seconds):
+        if text is None:
+            return
+        yield text

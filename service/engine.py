@@ -16,6 +16,7 @@ from pipeline.errors import UserError
 from pipeline.prompt import build_messages, fit_history, retrieval_query
 from pipeline.retrieval.settings import RetrievalSettings
 from pipeline.training import load_variant
+from pipeline.batching import Batcher, ServerBusy  # noqa: F401  (ServerBusy: the API's 429)
 
 log = logging.getLogger("service.engine")
 VARIANTS = ("base", "sft", "ppo", "dpo")
@@ -28,12 +29,6 @@ EMPTY_MESSAGE_REPLY = "Please type a question, for example: What does the KL pen
 
 class MessageTooLong(UserError):
     pass
-
-
-class ServerBusy(Exception):
-    """More requests wait than the queue bound allows, or one waited past its deadline."""
-
-    retry_after_seconds = 2
 
 
 @dataclass
@@ -67,7 +62,7 @@ def token_count(tokenizer, text: str) -> int:
 class Engine:
     def __init__(self, artifacts_dir: Path, index_dir: Path | None = None,
                  retrieval: RetrievalSettings | None = None, max_concurrent: int = 1,
-                 max_waiting: int = 16, queue_timeout: float = 60.0,
+                 max_batch: int = 8, max_waiting: int = 16, queue_timeout: float = 60.0,
                  remote_url: str | None = None, remote_model: str | None = None,
                  numeric: str = DEFAULT_NUMERIC):
         from pipeline.numeric import check_numeric_path
@@ -82,11 +77,13 @@ class Engine:
         self._models: dict[str, tuple] = {}
         self._thresholds: dict[str, float | None] = {}  # read once per variant, like its weights
         self._selectors: dict[str, object] = {}  # copy-decoding selectors, read once per variant
+        self._batchers: dict[str, Batcher] = {}  # free decoding, batched across requests, per variant
+        self.max_batch = max_batch
         # One load at a time: concurrent from_pretrained calls (a variant and the embedder, from
         # two request threads) race on transformers' global loading state and can leave a
         # later model's tied weights on the meta device.
         self._load_lock = threading.RLock()
-        self._slots = threading.BoundedSemaphore(max_concurrent)
+        self._slots = threading.BoundedSemaphore(max_concurrent)  # copy decoding and remote calls
         self.max_waiting, self.queue_timeout = max_waiting, queue_timeout  # past these: ServerBusy
         self._waiting, self._waiting_lock = 0, threading.Lock()
 
@@ -102,10 +99,22 @@ class Engine:
         with self._load_lock:
             if variant not in self._models:
                 if len(self._models) >= 2:  # keep memory bounded: two variants at most
-                    self._models.pop(next(iter(self._models)))
+                    evicted = next(iter(self._models))
+                    self._models.pop(evicted)
+                    if evicted in self._batchers:
+                        self._batchers.pop(evicted).close()
                 log.info("loading variant %s", variant)
                 self._models[variant] = load_variant(self.artifacts, variant, self.numeric)  # merged
             return self._models[variant]
+
+    def batcher(self, variant: str) -> Batcher:
+        """The variant's free-decoding queue (pipeline/batching.py), made on first use."""
+        model, tokenizer = self.model(variant)
+        with self._load_lock:
+            if variant not in self._batchers:
+                self._batchers[variant] = Batcher(model, tokenizer, self.max_batch, self.max_waiting,
+                                                  self.queue_timeout)
+            return self._batchers[variant]
 
     @property
     def retriever(self):
@@ -148,23 +157,29 @@ class Engine:
             return
         settings = settings or GenerationSettings()
         messages, passages, tokenizer, model = self.prepare(question, history, variant, use_retrieval)
+        selector = self.selector(variant) if settings.copy_decoding and settings.temperature == 0 else None
+        if not self.remote_url and not (selector is not None and passages):
+            # free decoding: batched with other requests; the batcher bounds its own queue
+            yield from self._with_prompt(self._generate(messages, passages, tokenizer, variant, settings), messages)
+            return
         self._wait_for_slot()
         try:
-            selector = self.selector(variant) if settings.copy_decoding and settings.temperature == 0 else None
             if self.remote_url:
                 replies = self._generate_remote(messages, passages, variant, settings)
-            elif selector is not None and passages:
-                replies = self._copy(messages, passages, tokenizer, model, variant, selector)
             else:
-                replies = self._generate(messages, passages, tokenizer, model, variant, settings)
-            try:
-                for reply in replies:
-                    reply.messages = messages
-                    yield reply
-            finally:
-                replies.close()  # a caller that stopped reading stops the generation, now
+                replies = self._copy(messages, passages, tokenizer, model, variant, selector)
+            yield from self._with_prompt(replies, messages)
         finally:
             self._slots.release()
+
+    @staticmethod
+    def _with_prompt(replies, messages):
+        try:
+            for reply in replies:
+                reply.messages = messages
+                yield reply
+        finally:
+            replies.close()  # a caller that stopped reading stops the generation, now
 
     def _wait_for_slot(self) -> None:
         """Take a generation slot, or raise ServerBusy: the queue is full or the wait too long."""
@@ -236,21 +251,18 @@ class Engine:
         yield Reply(text, passages, variant, token_count(tokenizer, prompt_text(tokenizer, messages)),
                     token_count(tokenizer, text))
 
-    def _generate(self, messages, passages, tokenizer, model, variant, settings):
-        """Free decoding, streamed (pipeline/generation.py ``stream_text``): decide, then answer."""
-        from pipeline.generation import prompt_text, stream_text
+    def _generate(self, messages, passages, tokenizer, variant, settings):
+        """Free decoding, streamed and batched with concurrent requests (pipeline/batching.py):
+        decide, then answer."""
+        from pipeline.generation import prompt_text
 
         prompt_tokens = token_count(tokenizer, prompt_text(tokenizer, messages))
-        pieces = stream_text(model, tokenizer, messages, max_new_tokens=settings.max_new_tokens,
-                             temperature=settings.temperature, top_p=settings.top_p,
-                             repetition_penalty=settings.repetition_penalty,
-                             refusal_threshold=self.refusal_threshold(variant),
-                             deadline_seconds=settings.deadline_seconds)
+        pieces = self.batcher(variant).stream(messages, settings, self.refusal_threshold(variant))
         text = ""
         try:
             for text in pieces:
                 yield Reply(text, passages, variant)
-        finally:  # the caller stopped reading (a dropped stream): generation ends within a step
+        finally:  # the caller stopped reading (a dropped stream): its row ends within a step
             pieces.close()
         yield Reply(text, passages, variant, prompt_tokens, token_count(tokenizer, text))
 

@@ -78,15 +78,37 @@ def test_int8_path_quantises_linear_layers_and_keeps_the_logits(served_artifacts
         Engine(served_artifacts, numeric="fp8")
 
 
-def test_generation_is_bounded_and_queued(served_artifacts, monkeypatch):
+def test_concurrent_requests_get_their_own_replies_and_loads_do_not_race(served_artifacts):
+    """Three threads ask at once: each free-decoding reply, decoded in whatever batch
+    (pipeline/batching.py; tests/test_batching.py pins the batching), is what it gets alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    fresh = Engine(served_artifacts, numeric="fp32")
+    questions = ["adam?", "dropout?", "adam beta?"]
+    with ThreadPoolExecutor(3) as pool:
+        texts = list(pool.map(lambda q: fresh.answer(q, settings=SHORT).text, questions))
+    assert texts == [fresh.answer(q, settings=SHORT).text for q in questions]
+    sizes = fresh.batcher("base").batch_sizes
+    assert sum(sizes[:-3]) == 3 and sizes[-3:] == [1, 1, 1], sizes
+    # the three threads loaded the retriever and a model: no load may have raced another and
+    # left transformers' loading state behind (a later model's tied head on the meta device)
+    from pipeline.artifacts import Artifacts
+    from pipeline.training import load_variant
+
+    later, _ = load_variant(Artifacts(served_artifacts), "base")
+    assert later.lm_head.weight.device.type == "cpu"
+
+
+def test_copy_decoding_is_bounded_and_queued(served_artifacts, monkeypatch):
     import threading
     import time
     from concurrent.futures import ThreadPoolExecutor
 
     bounded = Engine(served_artifacts, numeric="fp32", max_concurrent=1)
+    monkeypatch.setattr(bounded, "selector", lambda variant: object())  # every request copies
     active, peak, lock = [0], [0], threading.Lock()
 
-    def slow_generate(self, messages, passages, tokenizer, model, variant, settings):
+    def slow_copy(self, messages, passages, tokenizer, model, variant, selector):
         with lock:
             active[0] += 1
             peak[0] = max(peak[0], active[0])
@@ -95,17 +117,10 @@ def test_generation_is_bounded_and_queued(served_artifacts, monkeypatch):
             active[0] -= 1
         yield Reply("done", passages, variant)
 
-    monkeypatch.setattr(Engine, "_generate", slow_generate)
+    monkeypatch.setattr(Engine, "_copy", slow_copy)
     with ThreadPoolExecutor(3) as pool:
         texts = [r.text for r in pool.map(lambda q: bounded.answer(q), ["adam?", "dropout?", "adam beta?"])]
     assert texts == ["done"] * 3 and peak[0] == 1
-    # the three threads loaded the retriever and a model: no load may have raced another and
-    # left transformers' loading state behind (a later model's tied head on the meta device)
-    from pipeline.artifacts import Artifacts
-    from pipeline.training import load_variant
-
-    later, _ = load_variant(Artifacts(served_artifacts), "base")
-    assert later.lm_head.weight.device.type == "cpu"
 
 
 def test_history_is_truncated_oldest_first(engine, monkeypatch):
@@ -125,7 +140,7 @@ def test_empty_and_overlong_messages(engine):
 
 def test_a_dropped_stream_stops_generation_within_a_step(engine):
     """Closing the reply stream (a client hung up) ends generate() at the next decode step
-    and frees the generation slot: far fewer forward passes than the 400 asked for."""
+    and leaves the batcher idle: far fewer forward passes than the 400 asked for."""
     model, _ = engine.model("base")
     calls = []
     handle = model.register_forward_hook(lambda *args: calls.append(1))
@@ -135,9 +150,8 @@ def test_a_dropped_stream_stops_generation_within_a_step(engine):
             pass
         stream.close()
         steps_at_close = len(calls)
-        assert engine._slots.acquire(blocking=False), "the slot must be free once the stream closed"
-        engine._slots.release()
-        assert len(calls) <= steps_at_close + 1 and len(calls) < 50, len(calls)
+        assert engine.batcher("base").idle.wait(10), "the batch must end once its stream closed"
+        assert len(calls) <= steps_at_close + 2 and len(calls) < 50, len(calls)
     finally:
         handle.remove()
 

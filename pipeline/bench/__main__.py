@@ -23,8 +23,9 @@ def main(argv=None) -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 1_000_000])
     parser.add_argument("--hnsw-max", type=int, default=200_000, help="largest collection given an HNSW index")
     parser.add_argument("--variant", default="sft", help="model for the generation bench (falls back to base)")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["embedding", "index", "generation", "answers"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["embedding", "index", "generation", "answers", "concurrency"])
     parser.add_argument("--answers", type=int, default=20, help="eval questions timed end to end")
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8], help="concurrent clients timed")
     parser.add_argument("--out", default="bench", help="report name: reports/<out>.json and .md")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -64,7 +65,7 @@ def main(argv=None) -> None:
             hybrid.append(time.perf_counter() - started)
         report["hybrid_query_on_project_index"] = {"chunks": len(retriever.chunks), **retrieval._percentiles(hybrid)}
         report["peak_rss_mb_after_index_bench"] = peak_rss_mb()
-    if not {"generation", "answers"} <= set(args.skip):  # one load serves both sections
+    if not {"generation", "answers", "concurrency"} <= set(args.skip):  # one load serves these sections
         from pipeline.training import load_variant
 
         variant = args.variant if artifacts.meta(args.variant) else "base"
@@ -87,6 +88,10 @@ def main(argv=None) -> None:
         selector = load_selector(artifacts.dir(variant)) if variant != "base" else None
         report["answers"] = {"variant": variant, **generation.answer_latency(
             retriever, model, tokenizer, selector, [r.question for r in answerable[:args.answers]])}
+    if "concurrency" not in args.skip:
+        report["concurrency"] = {"variant": variant, "rows": generation.concurrency(
+            retriever, model, tokenizer, [r.question for r in answerable], args.clients)}
+        report["peak_rss_mb"] = peak_rss_mb()
     out = cfg.paths.resolve("reports")
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.out}.json").write_text(json.dumps(report, indent=2))
@@ -132,6 +137,14 @@ def render(report: dict) -> str:
         lines += _table(rows) + [""]
         if "copy_speedup_p50" in a:
             lines += [f"Copy decoding is {a['copy_speedup_p50']}x faster at the median.", ""]
+    if "concurrency" in report:
+        c = report["concurrency"]
+        lines += [f"## Concurrent clients ({c['variant']} variant, fp32, free decoding, 40-token replies)", "",
+                  "Each client asks 2 held-out questions one after another (retrieval, prompt, reply) "
+                  "through the service's batcher (pipeline/batching.py): the requests waiting when "
+                  "the model frees up are decoded as one batch. Aggregate decode tokens/s counts the "
+                  "time some request was past its first token, so reading the prompts is left out.", ""]
+        lines += _table(c["rows"]) + [""]
     if "peak_rss_mb" in report:
         lines += [f"Peak resident memory of the bench process: {report['peak_rss_mb']} MB.", ""]
     return "\n".join(lines)

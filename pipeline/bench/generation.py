@@ -31,25 +31,29 @@ def numeric_paths(model):
             "int8-decode (bf16 prompt, int8 tokens)": to_numeric_path(copy.deepcopy(model), "int8-decode")}
 
 
+def _timed_reply(model, tokenizer, messages, new_tokens: int) -> tuple[float, float]:
+    """(seconds to the first token, seconds to the last) for one fixed-length greedy reply,
+    through the served generation path (pipeline/generation.py)."""
+    from pipeline.generation import stream_batch
+
+    started, first = time.perf_counter(), None
+    for _, text in stream_batch(model, tokenizer, [messages], max_new_tokens=new_tokens, min_new_tokens=new_tokens):
+        if text is not None and first is None:
+            first = time.perf_counter() - started
+    return first, time.perf_counter() - started
+
+
 def time_generation(model, tokenizer, messages, new_tokens: int = 64, repeats: int = 3) -> dict:
     import torch
 
-    batch = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                          return_dict=True)
-    kwargs = dict(do_sample=False, pad_token_id=tokenizer.pad_token_id)
     with torch.inference_mode():
-        model.generate(**batch, max_new_tokens=4, **kwargs)  # warm-up
-        ttft, total = [], []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            model.generate(**batch, max_new_tokens=1, **kwargs)
-            ttft.append(time.perf_counter() - started)
-            started = time.perf_counter()
-            model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
-            total.append(time.perf_counter() - started)
-    first, whole = statistics.median(ttft), statistics.median(total)
-    return {"prompt_tokens": int(batch["input_ids"].shape[1]), "ttft_s": round(first, 3),
-            "decode_tokens_per_s": round((new_tokens - 1) / max(1e-6, whole - first), 2)}
+        _timed_reply(model, tokenizer, messages, 4)  # warm-up
+        runs = [_timed_reply(model, tokenizer, messages, new_tokens) for _ in range(repeats)]
+    first = statistics.median(r[0] for r in runs)
+    decode = statistics.median((new_tokens - 1) / max(1e-6, whole - ttft) for ttft, whole in runs)
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return {"prompt_tokens": len(tokenizer(prompt, add_special_tokens=False)["input_ids"]),
+            "ttft_s": round(first, 3), "decode_tokens_per_s": round(decode, 2)}
 
 
 def answer_latency(retriever, model, tokenizer, selector, questions: list[str], new_tokens: int = 40) -> dict:
@@ -62,15 +66,10 @@ def answer_latency(retriever, model, tokenizer, selector, questions: list[str], 
     from pipeline.prompt import build_messages
 
     free, copied = [], []
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with torch.inference_mode():
         for question in questions:
             started = time.perf_counter()
-            messages = build_messages(question, retriever.search(question))
-            batch = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                                  return_dict=True)
-            model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                           pad_token_id=pad)
+            _timed_reply(model, tokenizer, build_messages(question, retriever.search(question)), new_tokens)
             free.append(time.perf_counter() - started)
             if selector is not None:
                 started = time.perf_counter()
@@ -83,3 +82,65 @@ def answer_latency(retriever, model, tokenizer, selector, questions: list[str], 
         report["copy_speedup_p50"] = round(report[f"free_{new_tokens}_tokens"]["p50_ms"]
                                            / report["copy_decoding"]["p50_ms"], 2)
     return report
+
+
+def concurrency(retriever, model, tokenizer, questions: list[str], clients=(1, 4, 8), requests_each: int = 2,
+                new_tokens: int = 40, max_batch: int = 8) -> list[dict]:
+    """``clients`` threads, each asking ``requests_each`` questions one after another (retrieval,
+    prompt, a fixed ``new_tokens``-token free-decoding reply) through the service's batcher
+    (pipeline/batching.py). Per client count: p50/p95 latency, time to first token, and
+    aggregate tokens/s (every token written / wall time) and aggregate decode tokens/s (every
+    token / the time some request was past its first token: prompt reading excluded)."""
+    from concurrent.futures import ThreadPoolExecutor
+    from types import SimpleNamespace
+
+    from pipeline.batching import Batcher
+    from pipeline.bench.retrieval import _percentiles as percentiles
+    from pipeline.prompt import build_messages
+
+    settings = SimpleNamespace(temperature=0.0, top_p=0.9, repetition_penalty=1.0, max_new_tokens=new_tokens,
+                               deadline_seconds=600.0)
+    rows = []
+    for count in clients:
+        batcher = Batcher(model, tokenizer, max_batch=max_batch, max_waiting=64, queue_timeout=600)
+        batcher.min_new_tokens = new_tokens  # fixed-length replies: every client writes the same
+
+        def client(index: int) -> list[tuple[float, float, int, float]]:
+            timings = []
+            for n in range(requests_each):
+                question = questions[(index * requests_each + n) % len(questions)]
+                started, first, text = time.perf_counter(), None, ""
+                for text in batcher.stream(build_messages(question, retriever.search(question)), settings):
+                    first = first or time.perf_counter() - started
+                timings.append((time.perf_counter() - started, first,
+                                len(tokenizer(text, add_special_tokens=False)["input_ids"]), started))
+            return timings
+
+        started = time.perf_counter()
+        with ThreadPoolExecutor(count) as pool:
+            timings = [t for per_client in pool.map(client, range(count)) for t in per_client]
+        wall = time.perf_counter() - started
+        batcher.close()
+        rows.append({"clients": count, "requests": len(timings),
+                     "latency_p50_s": round(statistics.median(t[0] for t in timings), 2),
+                     "latency_p95_s": round(percentiles([t[0] for t in timings])["p95_ms"] / 1000, 2),
+                     "ttft_p50_s": round(statistics.median(t[1] for t in timings), 2),
+                     "tokens": sum(t[2] for t in timings),
+                     "aggregate_tokens_per_s": round(sum(t[2] for t in timings) / wall, 2),
+                     "aggregate_decode_tokens_per_s": round(
+                         sum(t[2] for t in timings) / _covered([(t[3] + t[1], t[3] + t[0]) for t in timings]), 2),
+                     "batch_sizes": sorted(set(batcher.batch_sizes))})
+    for key in ("aggregate_tokens_per_s", "aggregate_decode_tokens_per_s"):
+        for row in rows:
+            row[key.replace("aggregate_", "x_one_client_")] = round(row[key] / rows[0][key], 2)
+    return rows
+
+
+def _covered(intervals: list[tuple[float, float]]) -> float:
+    """Seconds covered by the union of the intervals."""
+    total, end = 0.0, float("-inf")
+    for start, stop in sorted(intervals):
+        if stop > end:
+            total += stop - max(start, end)
+            end = stop
+    return max(total, 1e-6)

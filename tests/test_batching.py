@@ -1,0 +1,119 @@
+"""Batched free decoding on a tiny hand-built model: pipeline.generation.stream_batch and the
+service's request batcher (pipeline/batching.py)."""
+from __future__ import annotations
+
+import pytest
+
+from conftest import build_tiny_llama, build_tokenizer
+from pipeline.generation import generate_batch, stream_batch
+from pipeline.batching import Batcher, ServerBusy
+from service.engine import GenerationSettings
+
+QUESTIONS = ["Who proposed Adam?", "What does dropout do to a network during training?", "BM25?"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    tokenizer = build_tokenizer()
+    return build_tiny_llama(len(tokenizer)), tokenizer
+
+
+def conversation(question: str) -> list[dict]:
+    return [{"role": "user", "content": question}]
+
+
+def alone(tiny, question: str, tokens: int) -> str:
+    model, tokenizer = tiny
+    return generate_batch(model, tokenizer, [conversation(question)], max_new_tokens=tokens, batch_size=1,
+                          desc=None)[0]
+
+
+def finals(updates) -> dict[int, str]:
+    texts, ended = {}, set()
+    for row, text in updates:
+        assert row not in ended, "no update may follow a row's end"
+        if text is None:
+            ended.add(row)
+        else:
+            assert text.startswith(texts.get(row, "")), "a row's text only grows"
+            texts[row] = text
+    assert ended == set(range(len(QUESTIONS))), "every row ends"
+    return texts
+
+
+def test_stream_batch_matches_one_at_a_time_with_each_rows_cap(tiny):
+    model, tokenizer = tiny
+    caps = [12, 5, 9]
+    texts = finals(stream_batch(model, tokenizer, [conversation(q) for q in QUESTIONS], max_new_tokens=caps))
+    for row, (question, cap) in enumerate(zip(QUESTIONS, caps)):
+        assert texts[row].strip() == alone(tiny, question, cap)
+        assert len(tokenizer(texts[row], add_special_tokens=False)["input_ids"]) <= cap
+
+
+def test_stream_batch_refuses_rows_above_the_threshold_without_generating(tiny):
+    from pipeline.prompt import REFUSAL
+
+    model, tokenizer = tiny
+    texts = finals(stream_batch(model, tokenizer, [conversation(q) for q in QUESTIONS], max_new_tokens=6,
+                                refusal_threshold=-1e9))
+    assert list(texts.values()) == [REFUSAL] * 3
+
+
+def test_waiting_requests_are_decoded_as_one_batch(tiny):
+    batcher = Batcher(*tiny, max_batch=8)
+    settings = GenerationSettings(max_new_tokens=10)
+    with batcher._ready:  # the worker cannot take any request until all three wait
+        streams = [batcher.stream(conversation(q), settings) for q in QUESTIONS]
+    replies = [list(s)[-1] for s in streams]
+    assert batcher.batch_sizes == [3]
+    assert [r.strip() for r in replies] == [alone(tiny, q, 10) for q in QUESTIONS]
+
+
+def test_different_sampling_settings_go_to_different_batches(tiny):
+    batcher = Batcher(*tiny)
+    greedy, sampled = GenerationSettings(max_new_tokens=4), GenerationSettings(max_new_tokens=4, temperature=0.7)
+    with batcher._ready:
+        streams = [batcher.stream(conversation("a?"), greedy), batcher.stream(conversation("b?"), sampled),
+                   batcher.stream(conversation("c?"), greedy)]
+    for stream in streams:
+        list(stream)
+    assert sorted(batcher.batch_sizes) == [1, 2]
+
+
+def test_the_queue_is_bounded_and_old_requests_are_turned_away(tiny):
+    import time
+
+    batcher = Batcher(*tiny, max_waiting=2, queue_timeout=0.05)
+    settings = GenerationSettings(max_new_tokens=4)
+    with batcher._ready:
+        streams = [batcher.stream(conversation(q), settings) for q in QUESTIONS[:2]]
+        with pytest.raises(ServerBusy, match="already waiting"):
+            batcher.stream(conversation("one more"), settings)
+        time.sleep(0.1)  # past the queue timeout before the worker saw them
+    for stream in streams:
+        with pytest.raises(ServerBusy, match="within"):
+            list(stream)
+    assert batcher.batch_sizes == []
+
+
+def test_a_closed_stream_ends_its_row_and_the_others_finish(tiny):
+    model, _ = tiny
+    expected = alone(tiny, QUESTIONS[1], 30)
+    calls = []
+    handle = model.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        alone(tiny, QUESTIONS[0], 400)
+        assert len(calls) > 100, "the row to drop must run long when nobody drops it"
+        calls.clear()
+        batcher = Batcher(*tiny)
+        long, short = GenerationSettings(max_new_tokens=400), GenerationSettings(max_new_tokens=30)
+        with batcher._ready:
+            dropped = batcher.stream(conversation(QUESTIONS[0]), long)
+            kept = batcher.stream(conversation(QUESTIONS[1]), short)
+        next(dropped)
+        dropped.close()
+        assert list(kept)[-1].strip() == expected
+        assert batcher.idle.wait(10)
+        assert len(calls) < 60, f"{len(calls)} forward passes: the dropped row kept decoding"
+    finally:
+        handle.remove()
