@@ -2,10 +2,11 @@
 
 On a CPU a decode step of a 135M model reads every weight once whether it extends one reply or
 eight, so eight requests decoded together cost little more per step than one. A worker thread
-owns the model. Requests wait in a bounded queue; whenever the worker is free it takes every
-waiting request with the same sampling settings (up to ``max_batch``) and decodes them as one
-left-padded batch (``pipeline.generation.stream_batch``), each row with its own token cap,
-deadline and refusal decision. A request that arrives during a batch waits for the next one.
+owns the model and one ``pipeline.generation.DecodeBatch``. Requests wait in a bounded queue;
+between two decode steps the worker admits the waiting ones (up to ``max_batch`` rows in
+all): it reads each one's prompt, and the row joins the replies already being written. A row
+leaves when it ends. Each row keeps its own sampling settings, token cap, deadline and
+refusal decision (continuous batching, as in Orca, OSDI 2022).
 """
 from __future__ import annotations
 
@@ -31,11 +32,6 @@ class _Request:
     out: queue.Queue = field(default_factory=queue.Queue)
     abandoned: threading.Event = field(default_factory=threading.Event)
 
-    def sampling(self) -> tuple:
-        s = self.settings
-        return (s.temperature, s.top_p if s.temperature > 0 else None, s.repetition_penalty,
-                self.refusal_threshold)
-
 
 class Batcher:
     """One model's free-decoding queue and the worker thread that drains it in batches."""
@@ -49,8 +45,9 @@ class Batcher:
         self._closed = False
         self.idle = threading.Event()  # set while the worker waits for requests
         self.idle.set()
-        self.batch_sizes: list[int] = []  # what each batch held, for tests and the bench
+        self.batch_sizes: list[int] = []  # rows decoding after each admission, for tests and the bench
         self.min_new_tokens = 0  # the bench sets it to time fixed-length replies
+        self.batch = None  # the worker's DecodeBatch (its decode-step counters feed the bench)
 
     def stream(self, messages: list[dict], settings, refusal_threshold: float | None = None) -> Iterator[str]:
         """Yield the growing reply; closing the generator drops the request at the next step.
@@ -88,14 +85,16 @@ class Batcher:
             self._closed = True
             self._ready.notify()
 
-    def _next_batch(self) -> list[_Request] | None:
+    def _admit(self, free: int, busy: bool) -> list[_Request] | None:
+        """Up to ``free`` waiting requests (waiting for one when nothing is ``busy``); None when
+        closed with nothing left to do."""
         with self._ready:
-            while not self._pending and not self._closed:
+            while not self._pending and not busy and not self._closed:
                 self.idle.set()
                 self._ready.wait()
-            self.idle.clear()
-            if not self._pending:
+            if not self._pending and not busy:
                 return None
+            self.idle.clear()
             now, kept = time.monotonic(), []
             for request in self._pending:  # too old, or gone before its turn
                 if request.abandoned.is_set():
@@ -105,30 +104,36 @@ class Batcher:
                                                "retry shortly"))
                     continue
                 kept.append(request)
-            key = kept[0].sampling() if kept else None
-            batch = [r for r in kept if r.sampling() == key][:self.max_batch]
-            self._pending = [r for r in kept if r not in batch]
-            return batch
+            self._pending = kept[free:]
+            return kept[:free]
+
+    def _row(self, request: _Request):
+        from pipeline.generation import Row, prompt_text
+
+        s = request.settings
+        ids = self.tokenizer(prompt_text(self.tokenizer, request.messages), add_special_tokens=False)["input_ids"]
+        return Row(ids, request.out.put, s.max_new_tokens, s.temperature, s.top_p, s.repetition_penalty,
+                   request.refusal_threshold, self.min_new_tokens, request.arrived + s.deadline_seconds,
+                   request.abandoned)
 
     def _work(self) -> None:
-        from pipeline.generation import stream_batch
+        import torch
 
-        while (batch := self._next_batch()) is not None:
-            if not batch:
-                continue
-            self.batch_sizes.append(len(batch))
-            first = batch[0].settings
-            try:
-                for row, text in stream_batch(
-                        self.model, self.tokenizer, [r.messages for r in batch],
-                        max_new_tokens=[r.settings.max_new_tokens for r in batch],
-                        temperature=first.temperature, top_p=first.top_p,
-                        repetition_penalty=first.repetition_penalty,
-                        refusal_threshold=batch[0].refusal_threshold,
-                        deadline_seconds=[r.settings.deadline_seconds - (time.monotonic() - r.arrived)
-                                          for r in batch],
-                        abandoned=[r.abandoned for r in batch], min_new_tokens=self.min_new_tokens):
-                    batch[row].out.put(text)
-            except Exception as err:  # every request of the batch hears of it; the worker lives on
-                for request in batch:
-                    request.out.put(err)
+        from pipeline.generation import DecodeBatch
+
+        self.batch = batch = DecodeBatch(self.model, self.tokenizer)
+        with torch.inference_mode():
+            while (joining := self._admit(self.max_batch - len(batch.rows), bool(batch.rows))) is not None:
+                for request in joining:
+                    try:
+                        batch.join(self._row(request))
+                    except Exception as err:  # this request hears of it; the others go on
+                        request.out.put(err)
+                if joining:
+                    self.batch_sizes.append(len(batch.rows))
+                try:
+                    batch.step()
+                except Exception as err:  # every row of the batch hears of it; the worker lives on
+                    for row in batch.rows:
+                        row.emit(err)
+                    self.batch = batch = DecodeBatch(self.model, self.tokenizer)

@@ -10,7 +10,13 @@ tokens too, and the answer should copy the passage's words.
 """
 from __future__ import annotations
 
+import threading
+from dataclasses import dataclass, field
+from typing import Callable
+
 from tqdm.auto import tqdm
+from transformers import (NoBadWordsLogitsProcessor, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+                          TopPLogitsWarper)
 
 from pipeline.prompt import REFUSAL
 
@@ -75,131 +81,212 @@ def generate_batch(model, tokenizer, conversations: list[list[dict]], max_new_to
     return answers
 
 
-class _RowStreamer:
-    """A transformers streamer for a batched ``generate``: hands each row's growing text to
-    ``emit(row, text)`` and ``emit(row, None)`` once the row has ended (end of turn, its own
-    token cap, or its caller gone). Finished rows keep receiving padding; it is ignored."""
-
-    def __init__(self, tokenizer, caps: list[int], abandoned: list, emit):
-        self.tokenizer, self.caps, self.abandoned, self.emit = tokenizer, caps, abandoned, emit
-        self.ids: list[list[int]] = [[] for _ in caps]
-        self.done = [False] * len(caps)
-        self.stop_ids = set(_as_list(tokenizer.eos_token_id))
-        self.prompt_seen = False
-
-    def put(self, value) -> None:
-        if not self.prompt_seen:  # the first call hands over the prompt
-            self.prompt_seen = True
-            return
-        for row, token in enumerate(value.reshape(-1).tolist()):
-            if self.done[row]:
-                continue
-            if token in self.stop_ids or self.abandoned[row].is_set():
-                self._finish(row)
-                continue
-            self.ids[row].append(token)
-            text = self.tokenizer.decode(self.ids[row], skip_special_tokens=True)
-            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                self.emit(row, text)
-            if len(self.ids[row]) >= self.caps[row]:
-                self._finish(row)
-
-    def end(self) -> None:
-        for row in range(len(self.caps)):
-            if not self.done[row]:
-                self._finish(row)
-
-    def _finish(self, row: int) -> None:
-        self.done[row] = True
-        self.emit(row, None)
-
-
 def _as_list(value) -> list:
     return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+@dataclass
+class Row:
+    """One reply being decoded: its settings, its tokens so far, and where its text goes.
+
+    ``emit(text)`` receives the growing reply, ``emit(None)`` once when the row has ended
+    (end of turn, its token cap, its deadline, or ``abandoned`` set by a caller that left)."""
+
+    prompt_ids: list[int]
+    emit: Callable[[str | None], None]
+    max_new_tokens: int = 160
+    temperature: float = 0.0
+    top_p: float = 0.9
+    repetition_penalty: float = 1.0
+    refusal_threshold: float | None = None
+    min_new_tokens: int = 0
+    deadline: float = float("inf")  # time.monotonic() past which the row ends
+    abandoned: threading.Event = field(default_factory=threading.Event)
+    generated: list[int] = field(default_factory=list)
+    ended: bool = False
+    processors: list = field(default_factory=list)
+
+    def end(self) -> None:
+        if not self.ended:
+            self.ended = True
+            self.emit(None)
+
+
+class DecodeBatch:
+    """Rows decoded together: one forward pass per step extends every row by a token.
+
+    A row joins whenever it comes, after its own prompt is read (prefill), and leaves as soon
+    as it ends; the other rows go on. The key/value cache holds the rows left-padded to one
+    length, with an attention mask over the padding and each row's own position ids, so a
+    row decodes as it would alone. On a CPU a decode step of a small model costs about the
+    same for one row or eight (it reads every weight once either way), which is what
+    batching concurrent requests buys."""
+
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+        self.rows: list[Row] = []
+        self.cache = None  # transformers DynamicCache; each layer (rows, heads, length, dim)
+        self.mask = None  # (rows, length), 0 over left padding
+        self.stop_ids = (set(_as_list(tokenizer.eos_token_id))
+                         | set(_as_list(getattr(model.generation_config, "eos_token_id", None))))
+        self._pending: list[int] = []  # each row's last chosen token, fed at the next step
+        self.steps, self.step_seconds, self.step_tokens = 0, 0.0, 0  # decode steps only (no prompt reading)
+
+    def join(self, row: Row) -> None:
+        """Read the row's prompt and choose its first token; with a refusal threshold, decide
+        first (one pass reads the prompt and scores the refusal after it) and, above it, reply
+        with the refusal without decoding."""
+        import torch
+
+        refusal = (self.tokenizer(REFUSAL, add_special_tokens=False)["input_ids"]
+                   if row.refusal_threshold is not None else [])
+        ids = torch.tensor([row.prompt_ids + refusal], device=self.model.device)
+        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=len(refusal) + 1)
+        logits = out.logits[0].float()
+        if refusal:
+            logp = torch.log_softmax(logits[:-1], -1).gather(-1, torch.tensor(refusal, device=logits.device)[:, None])
+            if float(logp.mean()) > row.refusal_threshold:
+                row.emit(REFUSAL)
+                row.end()
+                return
+            row.processors.append(NoBadWordsLogitsProcessor(refusal_word_ids(self.tokenizer),
+                                                            eos_token_id=list(self.stop_ids)))
+        cache = out.cache
+        for layer in cache.layers:  # forget the refusal's tokens: the reply follows the prompt
+            layer.keys, layer.values = layer.keys[..., :len(row.prompt_ids), :], layer.values[..., :len(row.prompt_ids), :]
+        if row.repetition_penalty != 1.0:
+            row.processors.append(RepetitionPenaltyLogitsProcessor(row.repetition_penalty))
+        if row.temperature > 0:
+            row.processors += [TemperatureLogitsWarper(row.temperature), TopPLogitsWarper(row.top_p)]
+        token = self._choose(row, logits[0])
+        if row.ended:
+            return
+        mask = torch.ones(1, len(row.prompt_ids), dtype=torch.long, device=ids.device)
+        if self.cache is None:
+            self.cache, self.mask = cache, mask
+        else:
+            width = max(self.mask.shape[1], mask.shape[1])
+            for mine, theirs in zip(self.cache.layers, cache.layers):
+                mine.keys = torch.cat([_pad_left(mine.keys, width, 2), _pad_left(theirs.keys, width, 2)])
+                mine.values = torch.cat([_pad_left(mine.values, width, 2), _pad_left(theirs.values, width, 2)])
+            self.mask = torch.cat([_pad_left(self.mask, width, 1), _pad_left(mask, width, 1)])
+        self.rows.append(row)
+        self._pending.append(token)
+
+    def step(self) -> None:
+        """End the rows past their deadline or abandoned, then extend the rest by one token."""
+        import time
+
+        import torch
+
+        now = time.monotonic()
+        for row in self.rows:
+            if row.abandoned.is_set() or now > row.deadline:
+                row.end()
+        self._drop_ended()
+        if not self.rows:
+            return
+        started, written = time.perf_counter(), sum(len(row.generated) for row in self.rows)
+        tokens = torch.tensor([[t] for t in self._pending], device=self.mask.device)
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], 1)
+        positions = self.mask.sum(1, keepdim=True) - 1
+        out = self.model(input_ids=tokens, attention_mask=self.mask, position_ids=positions,
+                         cache=self.cache, use_cache=True)
+        self.cache = out.cache
+        logits = out.logits[:, -1].float()
+        self._pending = [self._choose(row, logits[i]) for i, row in enumerate(self.rows)]
+        self.step_tokens += sum(len(row.generated) for row in self.rows) - written
+        self.step_seconds += time.perf_counter() - started
+        self.steps += 1
+        self._drop_ended()
+
+    def _choose(self, row: Row, logits) -> int:
+        import torch
+
+        scores = logits[None]
+        if row.processors:
+            ids = torch.tensor([row.prompt_ids + row.generated], device=scores.device)
+            for processor in row.processors:
+                scores = processor(ids, scores)
+        if len(row.generated) < row.min_new_tokens:
+            scores[:, list(self.stop_ids)] = float("-inf")
+        if row.temperature > 0:
+            token = int(torch.multinomial(torch.softmax(scores, -1), 1))
+        else:
+            token = int(scores.argmax(-1))
+        if token in self.stop_ids:
+            row.end()
+            return token
+        row.generated.append(token)
+        text = self.tokenizer.decode(row.generated, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            row.emit(text)
+        if len(row.generated) >= row.max_new_tokens:
+            row.end()
+        return token
+
+    def _drop_ended(self) -> None:
+        keep = [i for i, row in enumerate(self.rows) if not row.ended]
+        if len(keep) == len(self.rows):
+            return
+        self.rows = [self.rows[i] for i in keep]
+        self._pending = [self._pending[i] for i in keep]
+        if not keep:
+            self.cache = self.mask = None
+            return
+        import torch
+
+        index = torch.tensor(keep, device=self.mask.device)
+        self.mask = self.mask[index]
+        lead = int((self.mask.sum(0) == 0).long().cumprod(0).sum())  # padding no row needs now
+        self.mask = self.mask[:, lead:]
+        for layer in self.cache.layers:
+            layer.keys, layer.values = layer.keys[index, :, lead:], layer.values[index, :, lead:]
+
+
+def _pad_left(tensor, width: int, dim: int):
+    import torch.nn.functional as F
+
+    missing = width - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    pad = [0, 0] * (tensor.dim() - dim - 1) + [missing, 0]
+    return F.pad(tensor, pad)
 
 
 def stream_batch(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int | list[int] = 160,
                  temperature: float = 0.0, top_p: float = 0.9, repetition_penalty: float = 1.0,
                  refusal_threshold: float | None = None, deadline_seconds: float | list[float] = 120.0,
                  abandoned: list | None = None, min_new_tokens: int = 0):
-    """Decode several conversations together, one batched decode step for all, and yield
-    ``(row, text)`` as each row's reply grows, then ``(row, None)`` when that row has ended.
+    """Decode several conversations together (``DecodeBatch``) and yield ``(row, text)`` as
+    each row's reply grows, then ``(row, None)`` when that row has ended.
 
-    With ``refusal_threshold``, decide first: rows whose refusal score is above it get the
-    refusal, with nothing generated; the rest answer with the refusal's words banned. Each row
+    With ``refusal_threshold``, each row decides first: above it the reply is the refusal,
+    with nothing generated; below it the row answers with the refusal's words banned. Each row
     has its own token cap and deadline, and ends at the next step once its ``abandoned`` event
-    is set (a caller that stopped reading). ``min_new_tokens`` holds off the end of turn (the
-    bench times fixed lengths). Generation runs in a thread; closing this generator
-    abandons every row and waits for that thread."""
-    import queue
-    import threading
+    is set. ``min_new_tokens`` holds off the end of turn (the bench times fixed lengths)."""
     import time
 
     import torch
-    from transformers import StoppingCriteria, StoppingCriteriaList
 
     count = len(conversations)
     caps = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * count
-    now = time.monotonic()
-    deadlines = [now + d for d in (deadline_seconds if isinstance(deadline_seconds, list)
-                                   else [deadline_seconds] * count)]
+    waits = deadline_seconds if isinstance(deadline_seconds, list) else [deadline_seconds] * count
     abandoned = abandoned or [threading.Event() for _ in range(count)]
-    rows = list(range(count))
-    extra = {}
-    if refusal_threshold is not None:
-        scores = refusal_scores(model, tokenizer, conversations, batch_size=max(1, count), desc=None)
-        for row in [r for r in rows if scores[r] > refusal_threshold]:
-            yield row, REFUSAL
-            yield row, None
-        rows = [r for r in rows if scores[r] <= refusal_threshold]
-        extra["bad_words_ids"] = refusal_word_ids(tokenizer)
-    if not rows:
-        return
-    _prepare(tokenizer)
-    texts = [prompt_text(tokenizer, conversations[r]) for r in rows]
-    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-    updates: queue.Queue = queue.Queue()
-    streamer = _RowStreamer(tokenizer, [caps[r] for r in rows], [abandoned[r] for r in rows],
-                            lambda i, text: updates.put((rows[i], text)))
-
-    class StopRows(StoppingCriteria):
-        def __call__(self, input_ids, scores, **kwargs):
-            clock = time.monotonic()
-            return torch.tensor([streamer.done[i] or abandoned[r].is_set() or clock > deadlines[r]
-                                 for i, r in enumerate(rows)], device=input_ids.device)
-
-    kwargs = dict(**batch, streamer=streamer, max_new_tokens=max(streamer.caps), do_sample=temperature > 0,
-                  repetition_penalty=repetition_penalty, pad_token_id=tokenizer.pad_token_id,
-                  stopping_criteria=StoppingCriteriaList([StopRows()]), min_new_tokens=min_new_tokens, **extra)
-    if temperature > 0:
-        kwargs.update(temperature=temperature, top_p=top_p)
-    finished = object()
-
-    def work():
-        try:
-            with torch.inference_mode():
-                model.generate(**kwargs)
-        except BaseException as err:  # surfaced to the caller below
-            updates.put((None, err))
-        finally:
-            streamer.end()
-            updates.put((None, finished))
-
-    thread = threading.Thread(target=work, daemon=True)
-    thread.start()
-    try:
-        while True:
-            row, item = updates.get()
-            if row is not None:
-                yield row, item
-            elif item is finished:
-                break
-            else:
-                raise RuntimeError(f"generation failed: {item}") from item
-    finally:
-        for event in abandoned:
-            event.set()
-        thread.join()
+    updates: list[tuple[int, str | None]] = []
+    batch = DecodeBatch(model, tokenizer)
+    now = time.monotonic()
+    with torch.inference_mode():
+        for i, conversation in enumerate(conversations):
+            ids = tokenizer(prompt_text(tokenizer, conversation), add_special_tokens=False)["input_ids"]
+            batch.join(Row(ids, lambda text, i=i: updates.append((i, text)), caps[i], temperature, top_p,
+                           repetition_penalty, refusal_threshold, min_new_tokens, now + waits[i], abandoned[i]))
+            yield from updates
+            updates.clear()
+        while batch.rows:
+            batch.step()
+            yield from updates
+            updates.clear()
 
 
 def stream_text(model, tokenizer, messages: list[dict], max_new_tokens: int = 160, temperature: float = 0.0,

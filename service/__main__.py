@@ -110,6 +110,8 @@ def main(argv=None) -> int:
     parser.add_argument("--feedback-db", default=str(REPO_ROOT / "cache" / "feedback.sqlite"))
     parser.add_argument("--max-waiting", type=int, default=16,
                         help="API requests that may wait for the model; more get 429 with Retry-After")
+    parser.add_argument("--max-batch", type=int, default=8,
+                        help="replies decoded together, one decode step for all (pipeline/batching.py)")
     parser.add_argument("--queue-timeout", type=float, default=60.0,
                         help="seconds an API request may wait for the model before a 429")
     parser.add_argument("--profile", default="quick")
@@ -129,7 +131,7 @@ def main(argv=None) -> int:
         index_dir = Path(args.index) if args.index else docs_cache(cfg, Path(args.docs)) if args.docs else None
         engine = Engine(cfg.paths.resolve("artifacts"), index_dir, cfg.retrieval,
                         remote_url=args.remote, remote_model=args.remote_model, numeric=args.numeric,
-                        max_waiting=args.max_waiting, queue_timeout=args.queue_timeout)
+                        max_batch=args.max_batch, max_waiting=args.max_waiting, queue_timeout=args.queue_timeout)
         engine.retriever  # load now, so a corrupt index fails before the server starts
         library = make_library(cfg, args, engine)
         variant = choose_variant(args.variant, engine.artifacts)

@@ -69,15 +69,19 @@ def test_waiting_requests_are_decoded_as_one_batch(tiny):
     assert [r.strip() for r in replies] == [alone(tiny, q, 10) for q in QUESTIONS]
 
 
-def test_different_sampling_settings_go_to_different_batches(tiny):
+def test_a_request_joins_replies_already_being_written(tiny):
+    """Continuous batching: a request that arrives mid-reply joins the running batch at the next
+    step, with its own sampling settings, and still gets the reply it would get alone."""
     batcher = Batcher(*tiny)
-    greedy, sampled = GenerationSettings(max_new_tokens=4), GenerationSettings(max_new_tokens=4, temperature=0.7)
-    with batcher._ready:
-        streams = [batcher.stream(conversation("a?"), greedy), batcher.stream(conversation("b?"), sampled),
-                   batcher.stream(conversation("c?"), greedy)]
-    for stream in streams:
-        list(stream)
-    assert sorted(batcher.batch_sizes) == [1, 2]
+    long = GenerationSettings(max_new_tokens=60)
+    first = batcher.stream(conversation(QUESTIONS[0]), long)
+    next(first)  # the first reply is being written
+    sampled = batcher.stream(conversation("b?"), GenerationSettings(max_new_tokens=5, temperature=0.7))
+    late = batcher.stream(conversation(QUESTIONS[2]), GenerationSettings(max_new_tokens=10))
+    assert list(late)[-1].strip() == alone(tiny, QUESTIONS[2], 10)
+    assert 1 <= len(list(sampled)) <= 5
+    assert list(first)[-1].strip() == alone(tiny, QUESTIONS[0], 60)
+    assert max(batcher.batch_sizes) >= 2, batcher.batch_sizes
 
 
 def test_the_queue_is_bounded_and_old_requests_are_turned_away(tiny):
@@ -117,3 +121,19 @@ def test_a_closed_stream_ends_its_row_and_the_others_finish(tiny):
         assert len(calls) < 60, f"{len(calls)} forward passes: the dropped row kept decoding"
     finally:
         handle.remove()
+
+
+def test_the_fused_refusal_decision_matches_refusal_scores(tiny):
+    """join() reads the prompt and scores the refusal in one pass; the score is the one the
+    dev-split threshold was chosen on (pipeline.generation.refusal_scores)."""
+    from pipeline.generation import DecodeBatch, Row, prompt_text, refusal_scores
+    from pipeline.prompt import REFUSAL
+
+    model, tokenizer = tiny
+    for question in QUESTIONS:
+        score = refusal_scores(model, tokenizer, [conversation(question)], desc=None)[0]
+        ids = tokenizer(prompt_text(tokenizer, conversation(question)), add_special_tokens=False)["input_ids"]
+        for threshold, refuses in ((score - 1e-4, True), (score + 1e-4, False)):
+            texts = []
+            DecodeBatch(model, tokenizer).join(Row(ids, texts.append, 3, refusal_threshold=threshold))
+            assert (texts[0] == REFUSAL) == refuses, (question, threshold, score)

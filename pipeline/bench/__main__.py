@@ -141,9 +141,10 @@ def render(report: dict) -> str:
         c = report["concurrency"]
         lines += [f"## Concurrent clients ({c['variant']} variant, fp32, free decoding, 40-token replies)", "",
                   "Each client asks 2 held-out questions one after another (retrieval, prompt, reply) "
-                  "through the service's batcher (pipeline/batching.py): the requests waiting when "
-                  "the model frees up are decoded as one batch. Aggregate decode tokens/s counts the "
-                  "time some request was past its first token, so reading the prompts is left out.", ""]
+                  "through the service's batcher (pipeline/batching.py): between two decode steps the "
+                  "waiting requests read their prompts and join the replies being written. Aggregate "
+                  "tokens/s: every token / wall time; decode tokens/s: tokens written by decode steps / "
+                  "time in decode steps (prompt reading left out).", ""]
         lines += _table(c["rows"]) + [""]
     if "peak_rss_mb" in report:
         lines += [f"Peak resident memory of the bench process: {report['peak_rss_mb']} MB.", ""]

@@ -89,8 +89,8 @@ def concurrency(retriever, model, tokenizer, questions: list[str], clients=(1, 4
     """``clients`` threads, each asking ``requests_each`` questions one after another (retrieval,
     prompt, a fixed ``new_tokens``-token free-decoding reply) through the service's batcher
     (pipeline/batching.py). Per client count: p50/p95 latency, time to first token, and
-    aggregate tokens/s (every token written / wall time) and aggregate decode tokens/s (every
-    token / the time some request was past its first token: prompt reading excluded)."""
+    aggregate tokens/s (every token written / wall time) and decode tokens/s (tokens written by
+    decode steps / time in decode steps: prompt reading left out)."""
     from concurrent.futures import ThreadPoolExecutor
     from types import SimpleNamespace
 
@@ -105,7 +105,7 @@ def concurrency(retriever, model, tokenizer, questions: list[str], clients=(1, 4
         batcher = Batcher(model, tokenizer, max_batch=max_batch, max_waiting=64, queue_timeout=600)
         batcher.min_new_tokens = new_tokens  # fixed-length replies: every client writes the same
 
-        def client(index: int) -> list[tuple[float, float, int, float]]:
+        def client(index: int) -> list[tuple[float, float, int]]:
             timings = []
             for n in range(requests_each):
                 question = questions[(index * requests_each + n) % len(questions)]
@@ -113,7 +113,7 @@ def concurrency(retriever, model, tokenizer, questions: list[str], clients=(1, 4
                 for text in batcher.stream(build_messages(question, retriever.search(question)), settings):
                     first = first or time.perf_counter() - started
                 timings.append((time.perf_counter() - started, first,
-                                len(tokenizer(text, add_special_tokens=False)["input_ids"]), started))
+                                len(tokenizer(text, add_special_tokens=False)["input_ids"])))
             return timings
 
         started = time.perf_counter()
@@ -127,20 +127,10 @@ def concurrency(retriever, model, tokenizer, questions: list[str], clients=(1, 4
                      "ttft_p50_s": round(statistics.median(t[1] for t in timings), 2),
                      "tokens": sum(t[2] for t in timings),
                      "aggregate_tokens_per_s": round(sum(t[2] for t in timings) / wall, 2),
-                     "aggregate_decode_tokens_per_s": round(
-                         sum(t[2] for t in timings) / _covered([(t[3] + t[1], t[3] + t[0]) for t in timings]), 2),
-                     "batch_sizes": sorted(set(batcher.batch_sizes))})
-    for key in ("aggregate_tokens_per_s", "aggregate_decode_tokens_per_s"):
-        for row in rows:
-            row[key.replace("aggregate_", "x_one_client_")] = round(row[key] / rows[0][key], 2)
+                     "decode_tokens_per_s": round(batcher.batch.step_tokens / max(1e-6, batcher.batch.step_seconds), 2),
+                     "rows_per_step": round(batcher.batch.step_tokens / max(1, batcher.batch.steps), 2),
+                     "largest_batch": max(batcher.batch_sizes)})
+    for row in rows:
+        row["aggregate_x_one_client"] = round(row["aggregate_tokens_per_s"] / rows[0]["aggregate_tokens_per_s"], 2)
+        row["decode_x_one_client"] = round(row["decode_tokens_per_s"] / rows[0]["decode_tokens_per_s"], 2)
     return rows
-
-
-def _covered(intervals: list[tuple[float, float]]) -> float:
-    """Seconds covered by the union of the intervals."""
-    total, end = 0.0, float("-inf")
-    for start, stop in sorted(intervals):
-        if stop > end:
-            total += stop - max(start, end)
-            end = stop
-    return max(total, 1e-6)
