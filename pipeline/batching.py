@@ -51,7 +51,7 @@ class Batcher:
 
     def stream(self, messages: list[dict], settings, refusal_threshold: float | None = None) -> Iterator[str]:
         """Yield the growing reply; closing the generator drops the request at the next step.
-        With ``refusal_threshold`` the row decides first (``stream_batch``)."""
+        With ``refusal_threshold`` the row decides first (``DecodeBatch.join``)."""
         request = _Request(messages, settings, refusal_threshold)
         with self._ready:
             if self._closed:

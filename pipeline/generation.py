@@ -1,5 +1,10 @@
-"""Generation from chat messages: batched greedy (eval, dataset), streamed (the chat engine),
-and the answer-or-refuse decision both use.
+"""Generation from chat messages, and the answer-or-refuse decision every path uses.
+
+- ``generate_batch``: greedy answers in left-padded batches through transformers' ``generate``
+  (eval, the dataset stage's on-policy answers, PPO's held-out answers).
+- ``DecodeBatch``: our decode loop for streamed replies. Rows join a running batch after their
+  own prefill and leave when they end, each with its own settings; the service's batcher
+  (pipeline/batching.py), ``stream_batch`` and the bench use it.
 
 Decide, then answer: a variant trained to refuse carries a ``refusal_threshold`` chosen on the
 dev split (pipeline/answerability.py). The refusal's mean token log-probability under the
@@ -151,9 +156,9 @@ class DecodeBatch:
                 return
             row.processors.append(NoBadWordsLogitsProcessor(refusal_word_ids(self.tokenizer),
                                                             eos_token_id=list(self.stop_ids)))
-        cache = out.cache
+        cache, size = out.cache, len(row.prompt_ids)
         for layer in cache.layers:  # forget the refusal's tokens: the reply follows the prompt
-            layer.keys, layer.values = layer.keys[..., :len(row.prompt_ids), :], layer.values[..., :len(row.prompt_ids), :]
+            layer.keys, layer.values = layer.keys[..., :size, :], layer.values[..., :size, :]
         if row.repetition_penalty != 1.0:
             row.processors.append(RepetitionPenaltyLogitsProcessor(row.repetition_penalty))
         if row.temperature > 0:
@@ -287,15 +292,3 @@ def stream_batch(model, tokenizer, conversations: list[list[dict]], max_new_toke
             batch.step()
             yield from updates
             updates.clear()
-
-
-def stream_text(model, tokenizer, messages: list[dict], max_new_tokens: int = 160, temperature: float = 0.0,
-                top_p: float = 0.9, repetition_penalty: float = 1.0, refusal_threshold: float | None = None,
-                deadline_seconds: float = 120.0):
-    """Yield the growing reply to one conversation, as the model writes it (``stream_batch``
-    with one row). Closing this generator stops generation at the next decode step."""
-    for _, text in stream_batch(model, tokenizer, [messages], max_new_tokens, temperature, top_p,
-                                repetition_penalty, refusal_threshold, deadline_seconds):
-        if text is None:
-            return
-        yield text

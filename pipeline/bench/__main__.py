@@ -25,7 +25,11 @@ def main(argv=None) -> None:
     parser.add_argument("--variant", default="sft", help="model for the generation bench (falls back to base)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["embedding", "index", "generation", "answers", "concurrency"])
     parser.add_argument("--answers", type=int, default=20, help="eval questions timed end to end")
+    parser.add_argument("--onnx", nargs="*", default=["int4", "int8"],
+                        help="onnxruntime-genai precisions timed beside transformers (none: skip; needs the onnx extra)")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8], help="concurrent clients timed")
+    parser.add_argument("--concurrency-numeric", nargs="+", default=["fp32"],
+                        help="numeric paths the concurrent-clients section times (pipeline/numeric.py)")
     parser.add_argument("--out", default="bench", help="report name: reports/<out>.json and .md")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -75,6 +79,7 @@ def main(argv=None) -> None:
         rows = {}
         for name, path_model in generation.numeric_paths(model).items():
             rows[name] = generation.time_generation(path_model, tokenizer, messages)
+        rows.update(onnx_rows(args.onnx, artifacts, variant, model, tokenizer, messages))
         base = rows["fp32 (baseline)"]
         for row in rows.values():
             row["decode_speedup"] = round(row["decode_tokens_per_s"] / base["decode_tokens_per_s"], 2)
@@ -89,14 +94,42 @@ def main(argv=None) -> None:
         report["answers"] = {"variant": variant, **generation.answer_latency(
             retriever, model, tokenizer, selector, [r.question for r in answerable[:args.answers]])}
     if "concurrency" not in args.skip:
-        report["concurrency"] = {"variant": variant, "rows": generation.concurrency(
-            retriever, model, tokenizer, [r.question for r in answerable], args.clients)}
+        import copy
+
+        from pipeline.numeric import to_numeric_path
+
+        rows = []
+        for path in args.concurrency_numeric:
+            path_model = model if path == "fp32" else to_numeric_path(copy.deepcopy(model), path)
+            rows += [{"numeric": path, **row} for row in generation.concurrency(
+                retriever, path_model, tokenizer, [r.question for r in answerable], args.clients)]
+        report["concurrency"] = {"variant": variant, "rows": rows}
         report["peak_rss_mb"] = peak_rss_mb()
     out = cfg.paths.resolve("reports")
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.out}.json").write_text(json.dumps(report, indent=2))
     (out / f"{args.out}.md").write_text(render(report))
     print(render(report))
+
+
+def onnx_rows(precisions, artifacts, variant, model, tokenizer, messages) -> dict:
+    """onnxruntime-genai rows for the generation table (pipeline/ort_genai.py), conversions cached."""
+    from pipeline import ort_genai
+    from pipeline.bench import generation
+
+    if not precisions:
+        return {}
+    if not ort_genai.available():
+        logging.getLogger("bench").warning("onnxruntime-genai is not installed (pip install -e '.[onnx]'): "
+                                           "its rows are skipped")
+        return {}
+    reference = generation.greedy_ids(model, tokenizer, messages)
+    rows = {}
+    for precision in precisions:
+        folder = ort_genai.converted(artifacts, variant, precision)
+        rows[f"onnxruntime-genai {precision}"] = generation.time_ort_generation(
+            ort_genai.OrtGenerator(folder), tokenizer, messages, reference)
+    return rows
 
 
 def _table(rows: list[dict]) -> list[str]:
@@ -139,7 +172,7 @@ def render(report: dict) -> str:
             lines += [f"Copy decoding is {a['copy_speedup_p50']}x faster at the median.", ""]
     if "concurrency" in report:
         c = report["concurrency"]
-        lines += [f"## Concurrent clients ({c['variant']} variant, fp32, free decoding, 40-token replies)", "",
+        lines += [f"## Concurrent clients ({c['variant']} variant, free decoding, 40-token replies)", "",
                   "Each client asks 2 held-out questions one after another (retrieval, prompt, reply) "
                   "through the service's batcher (pipeline/batching.py): between two decode steps the "
                   "waiting requests read their prompts and join the replies being written. Aggregate "

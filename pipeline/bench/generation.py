@@ -53,7 +53,46 @@ def time_generation(model, tokenizer, messages, new_tokens: int = 64, repeats: i
     decode = statistics.median((new_tokens - 1) / max(1e-6, whole - ttft) for ttft, whole in runs)
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     return {"prompt_tokens": len(tokenizer(prompt, add_special_tokens=False)["input_ids"]),
-            "ttft_s": round(first, 3), "decode_tokens_per_s": round(decode, 2)}
+            "ttft_s": round(first, 3), "decode_tokens_per_s": round(decode, 2), "tokens_as_fp32": "-"}
+
+
+def time_ort_generation(generator, tokenizer, messages, reference: list[int], new_tokens: int = 64,
+                        repeats: int = 3) -> dict:
+    """``time_generation`` for an onnxruntime-genai model (pipeline/ort_genai.py), with how many
+    of its greedy tokens agree with the reference path's before the first difference."""
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+    def once(tokens: int) -> tuple[float, float, list[int]]:
+        started, first, out = time.perf_counter(), None, []
+        for token in generator.stream_ids(ids, tokens, tokens):
+            out.append(token)
+            first = first or time.perf_counter() - started
+        return first, time.perf_counter() - started, out
+
+    once(4)  # warm-up
+    runs = [once(new_tokens) for _ in range(repeats)]
+    first = statistics.median(r[0] for r in runs)
+    decode = statistics.median((new_tokens - 1) / max(1e-6, whole - ttft) for ttft, whole, _ in runs)
+    agree = next((i for i, (a, b) in enumerate(zip(runs[0][2], reference)) if a != b), min(len(reference), new_tokens))
+    return {"prompt_tokens": len(ids), "ttft_s": round(first, 3), "decode_tokens_per_s": round(decode, 2),
+            "tokens_as_fp32": f"{agree}/{len(reference)}"}
+
+
+def greedy_ids(model, tokenizer, messages, new_tokens: int = 64) -> list[int]:
+    """The reference path's greedy tokens, to compare other engines with."""
+    from pipeline.generation import DecodeBatch, Row, prompt_text
+
+    import torch
+
+    row = Row(tokenizer(prompt_text(tokenizer, messages), add_special_tokens=False)["input_ids"], lambda text: None,
+              new_tokens, min_new_tokens=new_tokens)
+    batch = DecodeBatch(model, tokenizer)
+    with torch.inference_mode():
+        batch.join(row)
+        while batch.rows:
+            batch.step()
+    return row.generated
 
 
 def answer_latency(retriever, model, tokenizer, selector, questions: list[str], new_tokens: int = 40) -> dict:

@@ -41,7 +41,8 @@ class EvalSettings:
     perplexity_chunks: int = 24  # chunks of eval-only documents for held-out perplexity
     examples: int = 4  # questions shown side by side in reports/eval.md
     # Opt-in: faster numeric paths (pipeline/numeric.py) scored again against fp32, e.g.
-    # eval.numeric_paths=[int8-decode]; `make bench` measures their speed.
+    # eval.numeric_paths=[int8-decode], or onnxruntime-genai's (ort-int4, ort-int8, ort-fp32;
+    # pipeline/ort_genai.py); `make bench` measures their speed.
     numeric_paths: list[str] = field(default_factory=list)
     numeric_path_variants: list[str] = field(default_factory=lambda: ["sft", "dpo", "ppo"])
     extractive_baseline: bool = True  # also score "copy the best-matching sentence of passage 1"
@@ -116,10 +117,13 @@ def evaluate(artifacts, records, retriever, settings: EvalSettings, perplexity_t
                 shown = found if use_retrieval else []
                 prompts.append(build_plain_messages(record.question, shown) if layout == "plain"
                                else build_messages(record.question, shown, record.history))
-            answer_model = model if numeric == "fp32" else to_numeric_path(copy.deepcopy(model), numeric)
+            answer_model = (model if numeric == "fp32" or numeric.startswith("ort-")
+                            else to_numeric_path(copy.deepcopy(model), numeric))
             run.extra["refusal_threshold"] = threshold if layout == "template" else None
             if layout == "copy":
                 copy_and_score(run, model, tokenizer, retriever.embedder, selector, prompts, records, passages)
+            elif numeric.startswith("ort-"):
+                ort_and_score(run, artifacts, model, tokenizer, prompts, records, passages, settings)
             else:
                 answer_and_score(run, answer_model, tokenizer, prompts, records, passages, settings)
             if layout != "plain" and use_retrieval and numeric == "fp32" and perplexity is None:
@@ -137,6 +141,18 @@ def answer_and_score(run: Run, model, tokenizer, prompts, records, passages, set
     started = time.time()
     run.answers = generate_batch(model, tokenizer, prompts, settings.max_new_tokens, settings.batch_size,
                                  desc=run.name, refusal_threshold=run.extra.get("refusal_threshold"))
+    run.seconds_per_answer = (time.time() - started) / max(1, len(records))
+    score_rows(run, records, passages)
+
+
+def ort_and_score(run: Run, artifacts, model, tokenizer, prompts, records, passages, settings: EvalSettings) -> None:
+    """An onnxruntime-genai path (``ort-int4``, ``ort-int8``, ``ort-fp32``; pipeline/ort_genai.py)."""
+    from pipeline import ort_genai
+
+    folder = ort_genai.converted(artifacts, run.variant, run.numeric.removeprefix("ort-"))
+    started = time.time()
+    run.answers = ort_genai.answer_batch(folder, model, tokenizer, prompts, settings.max_new_tokens,
+                                         run.extra.get("refusal_threshold"))
     run.seconds_per_answer = (time.time() - started) / max(1, len(records))
     score_rows(run, records, passages)
 

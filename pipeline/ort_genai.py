@@ -1,0 +1,101 @@
+"""onnxruntime-genai as a generation engine for the bench: a variant (LoRA merged) converted to
+ONNX once per precision, cached by the variant's fingerprint, and greedy replies from it.
+
+The conversion is onnxruntime-genai's own model builder (``python -m
+onnxruntime_genai.models.builder -i <folder> -p int4|int8|fp32 -e cpu``), which reads a local
+Hugging Face folder and needs no network. It lives in the optional ``onnx`` extra
+(``pip install -e '.[onnx]'``, which `make setup` installs).
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from pipeline.errors import UserError
+
+PRECISIONS = ("int4", "int8", "fp32")
+
+
+def available() -> bool:
+    try:
+        import onnxruntime_genai  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def converted(artifacts, variant: str, precision: str, cache_dir: Path | None = None) -> Path:
+    """The ONNX folder of ``variant`` at ``precision``, converted now unless the cache (default
+    cache/onnx/) holds one for the variant's current fingerprint."""
+    from pipeline.config import REPO_ROOT
+    from pipeline.training import load_variant
+
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown onnxruntime-genai precision '{precision}'; choose from {', '.join(PRECISIONS)}")
+    meta = artifacts.meta(variant)
+    if meta is None:
+        raise UserError(f"variant '{variant}' is not built; run: python -m pipeline run --only {variant}")
+    folder = Path(cache_dir or REPO_ROOT / "cache") / "onnx" / f"{variant}-{meta['fingerprint']}-{precision}"
+    if (folder / "genai_config.json").exists():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder.parent) as work:
+        merged, out = Path(work) / "merged", Path(work) / "onnx"
+        model, tokenizer = load_variant(artifacts, variant)  # fp32, adapters merged
+        model.save_pretrained(merged)
+        tokenizer.save_pretrained(merged)
+        del model
+        command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(merged), "-o", str(out),
+                   "-p", precision, "-e", "cpu", "-c", str(Path(work) / "builder-cache")]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0 or not (out / "genai_config.json").exists():
+            raise RuntimeError(f"onnxruntime-genai could not convert {variant} to {precision}:\n{done.stderr[-2000:]}")
+        out.rename(folder)  # whole or not at all
+    return folder
+
+
+class OrtGenerator:
+    """Greedy decoding with an onnxruntime-genai model folder."""
+
+    def __init__(self, folder: Path):
+        import onnxruntime_genai as og
+
+        self._og, self.model = og, og.Model(str(folder))
+
+    def stream_ids(self, prompt_ids: list[int], max_new_tokens: int, min_new_tokens: int = 0) -> Iterator[int]:
+        """Yield each new token id as it is decoded."""
+        params = self._og.GeneratorParams(self.model)
+        params.set_search_options(max_length=len(prompt_ids) + max_new_tokens, do_sample=False,
+                                  min_length=len(prompt_ids) + min_new_tokens)
+        generator = self._og.Generator(self.model, params)
+        generator.append_tokens(prompt_ids)
+        while not generator.is_done():
+            generator.generate_next_token()
+            yield int(generator.get_next_tokens()[0])
+
+
+def answer_batch(folder: Path, model, tokenizer, conversations: list[list[dict]], max_new_tokens: int,
+                 refusal_threshold: float | None = None) -> list[str]:
+    """Greedy answers from the onnxruntime-genai model in ``folder`` (the eval's ``ort-*``
+    numeric paths). The answer-or-refuse decision is the fp32 ``model``'s, as in
+    ``generate_batch``; onnxruntime-genai cannot ban the refusal's words afterwards, the only
+    difference from the fp32 row besides the weights."""
+    from tqdm.auto import tqdm
+
+    from pipeline.generation import prompt_text, refusal_scores
+    from pipeline.prompt import REFUSAL
+
+    scores = (refusal_scores(model, tokenizer, conversations) if refusal_threshold is not None
+              else [float("-inf")] * len(conversations))
+    generator = OrtGenerator(folder)
+    answers = []
+    for conversation, score in zip(tqdm(conversations, desc=f"onnxruntime-genai {folder.name}", unit="answer"), scores):
+        if refusal_threshold is not None and score > refusal_threshold:
+            answers.append(REFUSAL)
+            continue
+        ids = tokenizer(prompt_text(tokenizer, conversation), add_special_tokens=False)["input_ids"]
+        answers.append(tokenizer.decode(list(generator.stream_ids(ids, max_new_tokens)), skip_special_tokens=True).strip())
+    return answers
