@@ -89,7 +89,7 @@ def test_concurrent_requests_get_their_own_replies_and_loads_do_not_race(served_
         texts = list(pool.map(lambda q: fresh.answer(q, settings=SHORT).text, questions))
     assert texts == [fresh.answer(q, settings=SHORT).text for q in questions]
     sizes = fresh.batcher("base").batch_sizes
-    assert sum(sizes[:-3]) == 3 and sizes[-3:] == [1, 1, 1], sizes
+    assert max(sizes[:-3]) <= 3 and sizes[-3:] == [1, 1, 1], sizes  # rows decoding after each admission
     # the three threads loaded the retriever and a model: no load may have raced another and
     # left transformers' loading state behind (a later model's tied head on the meta device)
     from pipeline.artifacts import Artifacts
