@@ -123,9 +123,9 @@ class DecodeBatch:
     A row joins whenever it comes, after its own prompt is read (prefill), and leaves as soon
     as it ends; the other rows go on. The key/value cache holds the rows left-padded to one
     length, with an attention mask over the padding and each row's own position ids, so a
-    row decodes as it would alone. On a CPU a decode step of a small model costs about the
-    same for one row or eight (it reads every weight once either way), which is what
-    batching concurrent requests buys."""
+    row decodes as it would alone. A decode step reads every weight once however many rows it
+    extends, so more rows a step cost less each: on 2 AVX2 cores eight concurrent clients decoded
+    35.5 tokens/s against one client's 10.4 (reports/bench-serving.md)."""
 
     def __init__(self, model, tokenizer):
         self.model, self.tokenizer = model, tokenizer
