@@ -4,7 +4,7 @@ A decode step of a 135M model reads every weight once whether it extends one rep
 so eight replies decoded together cost far less than eight decoded in turn (3.4x the decode
 throughput of one client on 2 AVX2 cores: reports/bench-serving.md). A worker thread owns the model and one ``pipeline.generation.DecodeBatch``. Requests wait in a bounded queue;
 between two decode steps the worker admits the waiting ones (up to ``max_batch`` rows in
-all): it reads each one's prompt, and the row joins the replies already being written. A row
+all): it reads each one's prompt after the system turn (whose cache it keeps), and the row joins the replies already being written. A row
 leaves when it ends. Each row keeps its own sampling settings, token cap, deadline and
 refusal decision (continuous batching, as in Orca, OSDI 2022).
 """
@@ -48,6 +48,7 @@ class Batcher:
         self.batch_sizes: list[int] = []  # rows decoding after each admission, for tests and the bench
         self.min_new_tokens = 0  # the bench sets it to time fixed-length replies
         self.batch = None  # the worker's DecodeBatch (its decode-step counters feed the bench)
+        self.prefix = None  # the system turn's cache, made by the worker on its first request
 
     def stream(self, messages: list[dict], settings, refusal_threshold: float | None = None) -> Iterator[str]:
         """Yield the growing reply; closing the generator drops the request at the next step.
@@ -119,9 +120,10 @@ class Batcher:
     def _work(self) -> None:
         import torch
 
-        from pipeline.generation import DecodeBatch
+        from pipeline.generation import DecodeBatch, PromptPrefix, system_prefix_ids
 
-        self.batch = batch = DecodeBatch(self.model, self.tokenizer)
+        self.prefix = PromptPrefix(self.model, system_prefix_ids(self.tokenizer))
+        self.batch = batch = DecodeBatch(self.model, self.tokenizer, self.prefix)
         with torch.inference_mode():
             while (joining := self._admit(self.max_batch - len(batch.rows), bool(batch.rows))) is not None:
                 for request in joining:
@@ -136,4 +138,4 @@ class Batcher:
                 except Exception as err:  # every row of the batch hears of it; the worker lives on
                     for row in batch.rows:
                         row.emit(err)
-                    self.batch = batch = DecodeBatch(self.model, self.tokenizer)
+                    self.batch = batch = DecodeBatch(self.model, self.tokenizer, self.prefix)

@@ -5,6 +5,8 @@
 - ``DecodeBatch``: our decode loop for streamed replies. Rows join a running batch after their
   own prefill and leave when they end, each with its own settings; the service's batcher
   (pipeline/batching.py), ``stream_batch`` and the bench use it.
+- ``PromptPrefix``: the key/value cache of the system turn every prompt starts with, computed
+  once per model, so a row's prefill reads only the tokens after it.
 
 Decide, then answer: a variant trained to refuse carries a ``refusal_threshold`` chosen on the
 dev split (pipeline/answerability.py). The refusal's mean token log-probability under the
@@ -86,6 +88,43 @@ def generate_batch(model, tokenizer, conversations: list[list[dict]], max_new_to
     return answers
 
 
+def system_prefix_ids(tokenizer, system_prompt: str | None = None) -> list[int]:
+    """The tokens of the chat template's system turn, as every prompt of
+    ``pipeline.prompt.build_messages`` begins."""
+    from pipeline.prompt import SYSTEM_PROMPT
+
+    text = tokenizer.apply_chat_template([{"role": "system", "content": system_prompt or SYSTEM_PROMPT}],
+                                         tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+class PromptPrefix:
+    """The key/value cache of a token prefix shared by many prompts (the system turn: 71 of a
+    typical 377 prompt tokens for SmolLM2), computed on first use and copied into each row
+    that starts with it. Attention is causal, so the prefix's keys and values do not depend on
+    what follows; a row that starts otherwise (another system prompt) is read whole."""
+
+    def __init__(self, model, ids: list[int]):
+        self.model, self.ids = model, list(ids)
+        self._cache = None
+
+    def covers(self, prompt_ids: list[int]) -> bool:
+        """True when the prompt starts with the prefix and has tokens after it."""
+        return bool(self.ids) and len(prompt_ids) > len(self.ids) and prompt_ids[:len(self.ids)] == self.ids
+
+    def cache(self):
+        """A fresh copy of the prefix's cache (the row's prefill extends it in place)."""
+        import copy
+
+        import torch
+
+        if self._cache is None:
+            with torch.inference_mode():
+                ids = torch.tensor([self.ids], device=self.model.device)
+                self._cache = self.model(input_ids=ids, use_cache=True, logits_to_keep=1).cache
+        return copy.deepcopy(self._cache)
+
+
 def _as_list(value) -> list:
     return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
 
@@ -127,8 +166,8 @@ class DecodeBatch:
     extends, so more rows a step cost less each: on 2 AVX2 cores eight concurrent clients decoded
     35.5 tokens/s against one client's 10.4 (reports/bench-serving.md)."""
 
-    def __init__(self, model, tokenizer):
-        self.model, self.tokenizer = model, tokenizer
+    def __init__(self, model, tokenizer, prefix: PromptPrefix | None = None):
+        self.model, self.tokenizer, self.prefix = model, tokenizer, prefix
         self.rows: list[Row] = []
         self.cache = None  # transformers DynamicCache; each layer (rows, heads, length, dim)
         self.mask = None  # (rows, length), 0 over left padding
@@ -138,15 +177,18 @@ class DecodeBatch:
         self.steps, self.step_seconds, self.step_tokens = 0, 0.0, 0  # decode steps only (no prompt reading)
 
     def join(self, row: Row) -> None:
-        """Read the row's prompt and choose its first token; with a refusal threshold, decide
-        first (one pass reads the prompt and scores the refusal after it) and, above it, reply
-        with the refusal without decoding."""
+        """Read the row's prompt (after the cached prefix, when it starts with it) and choose its
+        first token; with a refusal threshold, decide first (one pass reads the prompt and
+        scores the refusal after it) and, above it, reply with the refusal without decoding."""
         import torch
 
         refusal = (self.tokenizer(REFUSAL, add_special_tokens=False)["input_ids"]
                    if row.refusal_threshold is not None else [])
-        ids = torch.tensor([row.prompt_ids + refusal], device=self.model.device)
-        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=len(refusal) + 1)
+        past, start = None, 0
+        if self.prefix is not None and self.prefix.covers(row.prompt_ids):
+            past, start = self.prefix.cache(), len(self.prefix.ids)
+        ids = torch.tensor([row.prompt_ids[start:] + refusal], device=self.model.device)
+        out = self.model(input_ids=ids, cache=past, use_cache=True, logits_to_keep=len(refusal) + 1)
         logits = out.logits[0].float()
         if refusal:
             logp = torch.log_softmax(logits[:-1], -1).gather(-1, torch.tensor(refusal, device=logits.device)[:, None])
@@ -262,14 +304,15 @@ def _pad_left(tensor, width: int, dim: int):
 def stream_batch(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int | list[int] = 160,
                  temperature: float = 0.0, top_p: float = 0.9, repetition_penalty: float = 1.0,
                  refusal_threshold: float | None = None, deadline_seconds: float | list[float] = 120.0,
-                 abandoned: list | None = None, min_new_tokens: int = 0):
+                 abandoned: list | None = None, min_new_tokens: int = 0, prefix: PromptPrefix | None = None):
     """Decode several conversations together (``DecodeBatch``) and yield ``(row, text)`` as
     each row's reply grows, then ``(row, None)`` when that row has ended.
 
     With ``refusal_threshold``, each row decides first: above it the reply is the refusal,
     with nothing generated; below it the row answers with the refusal's words banned. Each row
     has its own token cap and deadline, and ends at the next step once its ``abandoned`` event
-    is set. ``min_new_tokens`` holds off the end of turn (the bench times fixed lengths)."""
+    is set. ``min_new_tokens`` holds off the end of turn (the bench times fixed lengths);
+    ``prefix`` (a ``PromptPrefix`` kept across calls) skips re-reading the system turn."""
     import time
 
     import torch
@@ -279,7 +322,7 @@ def stream_batch(model, tokenizer, conversations: list[list[dict]], max_new_toke
     waits = deadline_seconds if isinstance(deadline_seconds, list) else [deadline_seconds] * count
     abandoned = abandoned or [threading.Event() for _ in range(count)]
     updates: list[tuple[int, str | None]] = []
-    batch = DecodeBatch(model, tokenizer)
+    batch = DecodeBatch(model, tokenizer, prefix)
     now = time.monotonic()
     with torch.inference_mode():
         for i, conversation in enumerate(conversations):

@@ -38,8 +38,9 @@ def build_tokenizer():
     return tok
 
 
-def build_tiny_llama(vocab_size: int, seed: int = 0):
-    """A 2-layer Llama, width 32: the shape of SmolLM2, small enough for unit tests."""
+def build_tiny_llama(vocab_size: int, seed: int = 0, initializer_range: float = 0.02):
+    """A 2-layer Llama, width 32: the shape of SmolLM2, small enough for unit tests. A wide
+    ``initializer_range`` makes its greedy tokens depend strongly on the prompt."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -48,6 +49,7 @@ def build_tiny_llama(vocab_size: int, seed: int = 0):
         vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
         tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        initializer_range=initializer_range,
     )
     return LlamaForCausalLM(config).eval()
 

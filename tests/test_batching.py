@@ -137,3 +137,36 @@ def test_the_fused_refusal_decision_matches_refusal_scores(tiny):
             texts = []
             DecodeBatch(model, tokenizer).join(Row(ids, texts.append, 3, refusal_threshold=threshold))
             assert (texts[0] == REFUSAL) == refuses, (question, threshold, score)
+
+
+def test_the_system_turns_cache_gives_the_same_replies_and_is_read_once(tiny):
+    """A row that starts with the cached system turn reads only its own tokens, and decodes
+    exactly what reading the whole prompt decodes."""
+    from pipeline.generation import PromptPrefix, system_prefix_ids
+    from pipeline.prompt import SYSTEM_PROMPT
+
+    tokenizer = tiny[1]
+    model = build_tiny_llama(len(tokenizer), initializer_range=0.5)  # replies that depend on the prompt
+    conversations = [[{"role": "system", "content": SYSTEM_PROMPT}, *conversation(q)] for q in QUESTIONS]
+    prefix = PromptPrefix(model, system_prefix_ids(tokenizer))
+    read = []
+    handle = model.register_forward_pre_hook(lambda _, args, kwargs: read.append(kwargs["input_ids"].shape[1]),
+                                             with_kwargs=True)
+    try:
+        whole = finals(stream_batch(model, tokenizer, conversations, max_new_tokens=8))
+        prompt_reads = read[:1]
+        read.clear()
+        cached = finals(stream_batch(model, tokenizer, conversations, max_new_tokens=8, prefix=prefix))
+    finally:
+        handle.remove()
+    assert cached == whole
+    assert read[0] == len(prefix.ids), "the prefix is read once, first"
+    assert read[1] == prompt_reads[0] - len(prefix.ids), "a row reads only what follows the prefix"
+    other = [{"role": "system", "content": "Another system prompt."}, *conversation(QUESTIONS[0])]
+    assert finals_one(stream_batch(model, tokenizer, [other], max_new_tokens=8, prefix=prefix)) == \
+        finals_one(stream_batch(model, tokenizer, [other], max_new_tokens=8))
+
+
+def finals_one(updates) -> str:
+    texts = [text for _, text in updates if text is not None]
+    return texts[-1] if texts else ""

@@ -40,3 +40,15 @@ def test_concurrent_clients_write_every_token_and_share_decode_steps(tiny):
     assert one["largest_batch"] == 1 and one["rows_per_step"] == 1.0
     assert three["largest_batch"] >= 2 and three["rows_per_step"] > 1.0, three
     assert one["aggregate_x_one_client"] == 1.0 and three["latency_p95_s"] >= three["latency_p50_s"]
+
+
+def test_answer_latency_times_each_numeric_path_from_the_question(tiny):
+    from pipeline.bench.generation import answer_latency
+
+    model, tokenizer = tiny
+    report = answer_latency(NoPassages(), {"fp32": model, "again": model}, tokenizer, None,
+                            ["Who proposed Adam?", "What is dropout?"], new_tokens=6)
+    assert report["questions"] == 2 and list(report["free"]) == ["fp32", "again"]
+    for timing in report["free"].values():
+        assert 0 < timing["ttft_p50_ms"] <= timing["p50_ms"]
+    assert "copy_decoding" not in report
