@@ -6,44 +6,47 @@ restricts the reply to what the model was trained to write (pipeline/stages/data
 sentence the prompt shows, followed by its passage's ``[n]``, or the refusal. It cannot
 paraphrase past the fact, and it cites the passage it copied.
 
-Which sentence, and whether to refuse, is decided from these features of each candidate:
+Which sentence, and whether to refuse, is decided from these features of each candidate
+(pipeline/candidates.py):
 
-- ``question_likelihood``: the mean log-probability, under the served variant, of the user's
-  question given the sentence alone ("Passage: <sentence>\nQuestion: <question>", plain
-  text). Query likelihood reranking, as in UPR (arXiv 2204.07496): a sentence that answers
-  the question makes the question likely. All candidates go in one short batch.
+- ``reader_score``: the reader's logit for (question, sentence), a cross-encoder fine-tuned on
+  the train split (pipeline/reader.py).
 - ``word_overlap``: the share of the question's content words the sentence holds.
 - ``embedding_similarity``: cosine of question and sentence under the index's embedder.
 - ``passage_rank``: the passage's place in the retrieval order (1 = best).
+- ``question_likelihood``: the mean log-probability, under the served variant, of the user's
+  question given the sentence alone ("Passage: <sentence>\nQuestion: <question>", plain
+  text). Query likelihood reranking, as in UPR (arXiv 2204.07496). It costs a forward pass
+  of the variant over every candidate, about 1 s a question on 2 cores.
 
 Two logistic regressions, fitted on the dev split (train records no trainer saw; never
 eval), turn the features into decisions: one scores each candidate (does it hold the facts?),
-one scores the question from its best candidates' features (are the passages silent?). The
-refusal threshold makes the most right decisions on dev. Everything is written to
-``copying.json`` beside the variant's adapter. On dev the scores were measured one by one
-before this design was chosen (docs/architecture.md, "Copy decoding").
+one scores the question from its best candidate's reader score, overlap and cosine (are the
+passages silent?). The refusal threshold makes the most right decisions on dev. Whether the
+candidate score reads the variant's own ``question_likelihood`` is chosen on dev too, by
+leave-one-question-out right decisions with and without it (a tie drops it: it is the slow
+one). Everything is written to ``copying.json`` beside the variant's adapter.
 """
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.answerability import candidate_thresholds
-from pipeline.data.normalize import contains_fact
-from pipeline.prompt import (REFUSAL, cite, cited_numbers, content_stems, is_refusal, split_sentences,
-                             strip_citations)
+from pipeline.candidates import candidates, right, word_overlap
+from pipeline.prompt import REFUSAL, cited_numbers, is_refusal, strip_citations
 
 SETTINGS_FILE = "copying.json"
-FEATURES = ("question_likelihood", "word_overlap", "embedding_similarity", "passage_rank")
-QUESTION_FEATURES = ("best_question_likelihood", "best_word_overlap", "best_embedding_similarity")
+FEATURES = ("reader_score", "word_overlap", "embedding_similarity", "passage_rank", "question_likelihood")
+MODEL_FEATURE = "question_likelihood"
+QUESTION_FEATURES = ("reader_score", "word_overlap", "embedding_similarity")  # the best candidate's
+_NO_CANDIDATE = {"reader_score": -20.0, "question_likelihood": -20.0}  # best values with nothing shown
 # Plain text, no chat template: the template's default system prompt and turn markers would
 # more than double the tokens of each short sequence, and this is the one model call a reply costs.
 QUESTION_PROMPT = "Passage: {sentence}\nQuestion:"
-_HEADING = re.compile(r"^\[(\d{1,2})\] \(.*\)$")
 
 
 @dataclass
@@ -52,33 +55,16 @@ class Candidates:
 
     question: str
     replies: list[str]  # "<sentence> [n]." in prompt order
-    features: np.ndarray  # (len(replies), len(FEATURES))
+    features: np.ndarray  # (len(replies), len(FEATURES)); a feature not computed is 0
 
-    def question_features(self) -> np.ndarray:
+    def columns(self, names) -> np.ndarray:
+        return self.features[:, [FEATURES.index(n) for n in names]]
+
+    def best(self, names) -> np.ndarray:
+        """Each named feature's highest value over the candidates."""
         if not self.replies:
-            return np.array([-20.0, 0.0, 0.0])
-        return self.features[:, :len(QUESTION_FEATURES)].max(0)  # the best of the first features
-
-
-def candidates(messages: list[dict]) -> tuple[str, list[str]]:
-    """(question, replies) from a prompt built by pipeline.prompt.build_messages: each shown
-    sentence cited to its passage, in prompt order. No passages: no replies."""
-    text = messages[-1]["content"]
-    if not text.startswith("Passages:\n") or "\n\nQuestion: " not in text:
-        return text.strip(), []
-    shown, question = text.rsplit("\n\nQuestion: ", 1)
-    lines = shown.split("\n")
-    replies = []
-    for line, body in zip(lines, lines[1:]):
-        match = _HEADING.match(line)
-        if match:
-            replies += [cite(s, int(match.group(1))) for s in split_sentences(body)]
-    return question.strip(), replies
-
-
-def word_overlap(question: str, sentence: str) -> float:
-    wanted = content_stems(question)
-    return len(wanted & content_stems(sentence)) / len(wanted) if wanted else 0.0
+            return np.array([_NO_CANDIDATE.get(n, 0.0) for n in names])
+        return self.columns(names).max(0)
 
 
 def question_likelihoods(model, tokenizer, question: str, sentences: list[str]) -> list[float]:
@@ -92,25 +78,30 @@ def question_likelihoods(model, tokenizer, question: str, sentences: list[str]) 
     return [t / length for t in totals]
 
 
-def featurize(model, tokenizer, embedder, messages: list[dict]) -> Candidates:
+def featurize(model, tokenizer, embedder, reader, messages: list[dict], with_model: bool = True) -> Candidates:
+    """The candidates of one prompt and their features. A selector that does not read a
+    feature need not pay for it: ``reader`` None leaves ``reader_score`` at 0, ``with_model``
+    False the variant's ``question_likelihood``."""
     question, replies = candidates(messages)
     if not replies:
         return Candidates(question, [], np.zeros((0, len(FEATURES))))
     sentences = [strip_citations(r) for r in replies]
     vectors = embedder.encode([question] + sentences)
-    columns = [question_likelihoods(model, tokenizer, question, sentences),
+    columns = [reader.scores(question, sentences) if reader is not None else [0.0] * len(replies),
                [word_overlap(question, s) for s in sentences],
                (vectors[1:] @ vectors[0]).tolist(),
-               [cited_numbers(r)[0] for r in replies]]
+               [cited_numbers(r)[0] for r in replies],
+               question_likelihoods(model, tokenizer, question, sentences) if with_model else [0.0] * len(replies)]
     return Candidates(question, replies, np.array(columns, dtype=np.float64).T)
 
 
-def featurize_all(model, tokenizer, embedder, prompts: list[list[dict]], desc: str | None = "copy features"):
+def featurize_all(model, tokenizer, embedder, reader, prompts: list[list[dict]], with_model: bool = True,
+                  desc: str | None = "copy features"):
     import torch
     from tqdm.auto import tqdm
 
     with torch.inference_mode():
-        return [featurize(model, tokenizer, embedder, p)
+        return [featurize(model, tokenizer, embedder, reader, p, with_model)
                 for p in tqdm(prompts, desc=desc, unit="prompt", disable=desc is None)]
 
 
@@ -145,49 +136,65 @@ class Linear:
 
 @dataclass
 class Selector:
+    features: tuple[str, ...]  # what the candidate score reads
     sentence: Linear  # high: this candidate holds the facts
-    silence: Linear  # high: no candidate answers the question
+    silence: Linear  # high: no candidate answers the question (reads QUESTION_FEATURES' best)
     threshold: float  # refuse when silence(...) > threshold
+    question_features: tuple[str, ...] = QUESTION_FEATURES
+
+    @property
+    def reads_model(self) -> bool:
+        return MODEL_FEATURE in self.features + self.question_features
+
+    @property
+    def reads_reader(self) -> bool:
+        return "reader_score" in self.features + self.question_features
 
     def silence_score(self, c: Candidates) -> float:
-        return float(self.silence(c.question_features())[0])
+        return float(self.silence(c.best(self.question_features))[0])
+
+    def pick(self, c: Candidates) -> str:
+        """The candidate the sentence score ranks first (the refusal when there is none)."""
+        return c.replies[int(np.argmax(self.sentence(c.columns(self.features))))] if c.replies else REFUSAL
 
     def reply(self, c: Candidates) -> str:
         if not c.replies or self.silence_score(c) > self.threshold:
             return REFUSAL
-        return _best_sentence(self.sentence, c)
+        return self.pick(c)
+
+    def answer(self, model, tokenizer, embedder, reader, messages: list[dict]) -> str:
+        """Copy-decode one prompt: featurise it (the variant only if read; ``reader`` may be
+        None when not read) and reply."""
+        return self.reply(featurize(model, tokenizer, embedder, reader, messages, self.reads_model))
 
     def to_dict(self) -> dict:
-        return {"features": list(FEATURES), "question_features": list(QUESTION_FEATURES),
+        return {"features": list(self.features), "question_features": list(self.question_features),
                 "sentence": self.sentence.to_dict(), "silence": self.silence.to_dict(),
                 "threshold": self.threshold}
 
     @classmethod
     def from_dict(cls, raw: dict) -> "Selector":
-        return cls(Linear(**raw["sentence"]), Linear(**raw["silence"]), float(raw["threshold"]))
+        unknown = set(raw["features"]) - set(FEATURES)
+        if unknown:
+            from pipeline.errors import UserError
+
+            raise UserError(f"copying.json names features this version does not compute: {sorted(unknown)}; "
+                            "refit it: python -m pipeline calibrate --variant <name>")
+        return cls(tuple(raw["features"]), Linear(**raw["sentence"]), Linear(**raw["silence"]),
+                   float(raw["threshold"]), tuple(raw["question_features"]))
 
 
-def _best_sentence(sentence: Linear, c: Candidates) -> str:
-    """The candidate ``sentence`` scores highest (the refusal when there is none)."""
-    return c.replies[int(np.argmax(sentence(c.features)))] if c.replies else REFUSAL
-
-
-def right(reply: str, facts: list[list[str]] | None) -> bool:
-    """Refusing a silent prompt (``facts`` None), or copying a sentence that holds every fact."""
-    if facts is None:
-        return is_refusal(reply)
-    return not is_refusal(reply) and all(contains_fact(strip_citations(reply), f) for f in facts)
-
-
-def fit(cands: list[Candidates], facts: list[list[list[str]] | None]) -> tuple[Selector, dict]:
+def fit(cands: list[Candidates], facts: list[list[list[str]] | None],
+        features: tuple[str, ...] = FEATURES[:4]) -> tuple[Selector, dict]:
     """Fit both scores on dev and choose the threshold with the most right decisions there."""
     rows = [(c, f) for c, f in zip(cands, facts) if f is not None and c.replies]
-    x = np.concatenate([c.features for c, _ in rows]) if rows else np.zeros((0, len(FEATURES)))
+    x = np.concatenate([c.columns(features) for c, _ in rows]) if rows else np.zeros((0, len(features)))
     y = np.concatenate([[right(r, f) for r in c.replies] for c, f in rows]) if rows else np.zeros(0, bool)
     sentence = Linear.fit(x, y)
-    silence = Linear.fit(np.array([c.question_features() for c in cands]), np.array([f is None for f in facts]))
-    scores = [float(silence(c.question_features())[0]) for c in cands]
-    picks = [_best_sentence(sentence, c) for c in cands]
+    silence = Linear.fit(np.array([c.best(QUESTION_FEATURES) for c in cands]), np.array([f is None for f in facts]))
+    selector = Selector(tuple(features), sentence, silence, 0.0, QUESTION_FEATURES)
+    scores = [selector.silence_score(c) for c in cands]
+    picks = [selector.pick(c) for c in cands]
     curve = []
     for cut in candidate_thresholds(scores):
         replies = [REFUSAL if s > cut else p for s, p in zip(scores, picks)]
@@ -198,10 +205,28 @@ def fit(cands: list[Candidates], facts: list[list[list[str]] | None]) -> tuple[S
                       "abstention": round(sum(map(is_refusal, silent)) / max(1, len(silent)), 4),
                       "false_refusal": round(sum(is_refusal(r) for r, _ in answerable) / max(1, len(answerable)), 4)})
     best = max(curve, key=lambda p: (p["right"], -abs(p["threshold"])))
+    selector.threshold = best["threshold"]
     report = {"chosen": best, "dev_rows": len(cands), "dev_silent": sum(f is None for f in facts),
               "sentence_right_if_answering": sum(right(p, f) for p, f in zip(picks, facts) if f is not None),
               "curve": curve}
-    return Selector(sentence, silence, best["threshold"]), report
+    return selector, report
+
+
+def leave_one_out(cands: list[Candidates], facts, features: tuple[str, ...]) -> int:
+    """Right decisions on dev when each question is decided by a selector fitted on the others."""
+    return sum(right(fit(cands[:i] + cands[i + 1:], facts[:i] + facts[i + 1:], features)[0].reply(c), f)
+               for i, (c, f) in enumerate(zip(cands, facts)))
+
+
+def choose(cands: list[Candidates], facts) -> tuple[Selector, dict]:
+    """The selector with or without the variant's own feature, whichever makes more right
+    decisions on dev, leave one question out (a tie goes to the faster one, without)."""
+    without, with_model = FEATURES[:4], FEATURES
+    right_without, right_with = leave_one_out(cands, facts, without), leave_one_out(cands, facts, with_model)
+    selector, report = fit(cands, facts, with_model if right_with > right_without else without)
+    report["leave_one_out_right"] = {"without question_likelihood": right_without,
+                                     "with question_likelihood": right_with}
+    return selector, report
 
 
 def dev_facts(dev_rows: list[dict], train_records) -> list[list[list[str]] | None]:
@@ -218,28 +243,32 @@ def dev_facts(dev_rows: list[dict], train_records) -> list[list[list[str]] | Non
     return facts
 
 
-def calibrate(model, tokenizer, embedder, dev_rows: list[dict], train_records, out_dir: Path) -> dict:
-    """Featurise the dev prompts, fit the selector, write ``copying.json``; return metrics."""
+def calibrate(model, tokenizer, embedder, reader, dev_rows: list[dict], train_records, out_dir: Path) -> dict:
+    """Featurise the dev prompts, choose and fit the selector, write ``copying.json``; return metrics."""
     if not dev_rows:
         return {}
-    cands = featurize_all(model.eval(), tokenizer, embedder, [r["prompt"] for r in dev_rows], "dev copy features")
-    selector, report = fit(cands, dev_facts(dev_rows, train_records))
+    cands = featurize_all(model.eval(), tokenizer, embedder, reader, [r["prompt"] for r in dev_rows],
+                          desc="dev copy features")
+    selector, report = choose(cands, dev_facts(dev_rows, train_records))
     (Path(out_dir) / SETTINGS_FILE).write_text(json.dumps({"selector": selector.to_dict(), **report}, indent=1))
     chosen = report["chosen"]
     return {"copy_dev_right": round(chosen["right"] / len(dev_rows), 4),
-            "copy_dev_abstention": chosen["abstention"], "copy_dev_false_refusal": chosen["false_refusal"]}
+            "copy_dev_abstention": chosen["abstention"], "copy_dev_false_refusal": chosen["false_refusal"],
+            "copy_reads_model": selector.reads_model}
 
 
 def calibrate_variant(model, tokenizer, artifacts, qa_dir: Path, out_dir: Path) -> dict:
     """``calibrate`` for a trained variant: the dev split of the dataset stage, the facts of
-    data/qa/train.jsonl and the index's embedder (what the service will use)."""
+    data/qa/train.jsonl, the index's embedder and the reader (what the service will use)."""
     from pipeline.data.records import load_split
+    from pipeline.reader import Reader
     from pipeline.retrieval.embedder import Embedder
     from pipeline.training import read_rows
 
     manifest = json.loads((artifacts.require("index") / "manifest.json").read_text())
     dev = read_rows(artifacts.require("dataset") / "sft_val.jsonl")
-    return calibrate(model, tokenizer, Embedder(manifest["embedder"]), dev, load_split(qa_dir, "train"), out_dir)
+    return calibrate(model, tokenizer, Embedder(manifest["embedder"]), Reader(artifacts.require("reader")), dev,
+                     load_split(qa_dir, "train"), out_dir)
 
 
 def calibrate_built(cfg, variant: str) -> dict:
@@ -258,6 +287,7 @@ def load_selector(variant_dir: Path) -> Selector | None:
     return Selector.from_dict(json.loads(path.read_text())["selector"]) if path.exists() else None
 
 
-def copy_answers(model, tokenizer, embedder, selector: Selector, prompts: list[list[dict]],
+def copy_answers(model, tokenizer, embedder, reader, selector: Selector, prompts: list[list[dict]],
                  desc: str | None = "copy decoding") -> list[str]:
-    return [selector.reply(c) for c in featurize_all(model, tokenizer, embedder, prompts, desc)]
+    return [selector.reply(c) for c in featurize_all(model, tokenizer, embedder, reader, prompts,
+                                                     selector.reads_model, desc)]

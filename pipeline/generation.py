@@ -1,10 +1,12 @@
 """Generation from chat messages, and the answer-or-refuse decision every path uses.
 
-- ``generate_batch``: greedy answers in left-padded batches through transformers' ``generate``
-  (eval, the dataset stage's on-policy answers, PPO's held-out answers).
-- ``DecodeBatch``: our decode loop for streamed replies. Rows join a running batch after their
-  own prefill and leave when they end, each with its own settings; the service's batcher
-  (pipeline/batching.py), ``stream_batch`` and the bench use it.
+- ``DecodeBatch``: the one decode loop; every generating caller runs on it. Rows join a
+  running batch after their own prefill and leave when they end, each with its own settings.
+- ``decode_all``: rows through one ``DecodeBatch``, a finished row's place refilled at once:
+  ``generate_batch`` (greedy answers for eval, the dataset stage's on-policy answers and PPO's
+  held-out answers), PPO's rollout sampling (pipeline/rl/trainer.py) and the bench.
+- ``stream_batch``: replies as they grow, for the bench and tests; the service's batcher
+  (pipeline/batching.py) drives its own ``DecodeBatch``, admitting requests between steps.
 - ``PromptPrefix``: the key/value cache of the system turn every prompt starts with, computed
   once per model, so a row's prefill reads only the tokens after it.
 
@@ -23,16 +25,9 @@ from typing import Callable
 
 from tqdm.auto import tqdm
 from transformers import (NoBadWordsLogitsProcessor, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
-                          TopPLogitsWarper)
+                          TopKLogitsWarper, TopPLogitsWarper)
 
 from pipeline.prompt import REFUSAL
-
-
-def _prepare(tokenizer):
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
 
 
 def prompt_text(tokenizer, conversation: list[dict]) -> str:
@@ -59,33 +54,49 @@ def refusal_scores(model, tokenizer, conversations: list[list[dict]], batch_size
 
 
 def generate_batch(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 96,
-                   batch_size: int = 8, desc: str = "generating", refusal_threshold: float | None = None,
+                   batch_size: int = 8, desc: str | None = "generating", refusal_threshold: float | None = None,
                    scores: list[float] | None = None) -> list[str]:
-    """Greedy answers to each conversation (left-padded batches; deterministic).
+    """Greedy answers to each conversation, ``batch_size`` rows decoding together in one
+    ``DecodeBatch`` (a finished row's place goes to the next conversation at once).
 
     With ``refusal_threshold``, conversations whose refusal score (``scores``, computed here
     when not given) is above it get the refusal; the rest are answered with it banned."""
     import torch
 
-    _prepare(tokenizer)
     decide = refusal_threshold is not None
     if decide and scores is None:
         scores = refusal_scores(model, tokenizer, conversations, batch_size)
-    answers: list[str | None] = [REFUSAL if decide and s > refusal_threshold else None
-                                 for s in (scores or [None] * len(conversations))]
-    todo = [i for i, a in enumerate(answers) if a is None]
-    extra = {"bad_words_ids": refusal_word_ids(tokenizer)} if decide else {}
-    for start in tqdm(range(0, len(todo), batch_size), desc=desc, unit="batch"):
-        chunk = todo[start:start + batch_size]
-        texts = [prompt_text(tokenizer, conversations[i]) for i in chunk]
-        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-        with torch.inference_mode():
-            output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                    pad_token_id=tokenizer.pad_token_id, **extra)
-        new_tokens = output[:, batch["input_ids"].shape[1]:]
-        for i, text in zip(chunk, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
-            answers[i] = text.strip()
-    return answers
+    answers: list[str] = [REFUSAL if decide and s > refusal_threshold else ""
+                          for s in (scores or [None] * len(conversations))]
+    waiting = [i for i, a in enumerate(answers) if not a]
+    # Decided already: a threshold no score exceeds answers every row, with the refusal banned.
+    answer_anyway = float("inf") if decide else None
+    with torch.inference_mode(), tqdm(total=len(conversations), initial=len(conversations) - len(waiting),
+                                      desc=desc, unit="answer", disable=desc is None) as bar:
+        rows = (Row(tokenizer(prompt_text(tokenizer, conversations[i]), add_special_tokens=False)["input_ids"],
+                    lambda text, i=i: _keep(answers, i, text, bar), max_new_tokens, refusal_threshold=answer_anyway)
+                for i in waiting)
+        decode_all(model, tokenizer, rows, batch_size)
+    return [a.strip() for a in answers]
+
+
+def decode_all(model, tokenizer, rows, batch_size: int = 8) -> None:
+    """Decode every row (an iterable, read lazily) to its end, ``batch_size`` at a time in one
+    ``DecodeBatch``: a finished row's place goes to the next row at the next step."""
+    batch, pending = DecodeBatch(model, tokenizer), iter(rows)
+    while True:
+        while len(batch.rows) < batch_size and (row := next(pending, None)) is not None:
+            batch.join(row)
+        if not batch.rows:
+            return
+        batch.step()
+
+
+def _keep(answers: list[str], i: int, text: str | None, bar) -> None:
+    if text is None:
+        bar.update(1)
+    else:
+        answers[i] = text
 
 
 def system_prefix_ids(tokenizer, system_prompt: str | None = None) -> list[int]:
@@ -146,7 +157,9 @@ class Row:
     min_new_tokens: int = 0
     deadline: float = float("inf")  # time.monotonic() past which the row ends
     abandoned: threading.Event = field(default_factory=threading.Event)
+    top_k: int = 0  # sampling only; 0 keeps every token
     generated: list[int] = field(default_factory=list)
+    stopped: bool = False  # ended by the end-of-turn token (not a cap, deadline or caller)
     ended: bool = False
     processors: list = field(default_factory=list)
 
@@ -204,7 +217,10 @@ class DecodeBatch:
         if row.repetition_penalty != 1.0:
             row.processors.append(RepetitionPenaltyLogitsProcessor(row.repetition_penalty))
         if row.temperature > 0:
-            row.processors += [TemperatureLogitsWarper(row.temperature), TopPLogitsWarper(row.top_p)]
+            row.processors.append(TemperatureLogitsWarper(row.temperature))
+            if row.top_k:
+                row.processors.append(TopKLogitsWarper(row.top_k))
+            row.processors.append(TopPLogitsWarper(row.top_p))
         token = self._choose(row, logits[0])
         if row.ended:
             return
@@ -262,6 +278,7 @@ class DecodeBatch:
         else:
             token = int(scores.argmax(-1))
         if token in self.stop_ids:
+            row.stopped = True
             row.end()
             return token
         row.generated.append(token)

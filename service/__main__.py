@@ -3,7 +3,7 @@
     python -m service [--host H] [--port P] [--variant NAME] [--index DIR | --docs DIR]
                       [--no-build] [--profile quick]
 
-Without ``--no-build``, the stages the chat needs (base, index) are built first on the
+Without ``--no-build``, the stages the chat needs (base, index, reader) are built first on the
 chosen profile when they are missing, and the trained adapters shipped in adapters/ are
 installed where their stage is not built, so the first `make chat` serves an aligned model.
 """
@@ -22,7 +22,7 @@ from pipeline.errors import UserError
 from pipeline.numeric import NUMERIC_PATHS
 from service.engine import DEFAULT_NUMERIC
 
-NEEDED = ("base", "index")
+NEEDED = ("base", "index", "reader")  # the reader: copy decoding's cross-encoder (a few minutes to train)
 SHIPPED = REPO_ROOT / "adapters"  # small trained LoRA adapters that `make pipeline` reproduces
 # "auto" serves the first of these that is built (or shipped): best measured first, see
 # README "Results". The shipped adapters make it the aligned model on a fresh machine.
@@ -67,7 +67,9 @@ def ensure_built(cfg, no_build: bool, need_index: bool) -> None:
     from pipeline.runner import run_pipeline
 
     artifacts = Artifacts(cfg.paths.resolve("artifacts"))
-    missing = [s for s in NEEDED if artifacts.meta(s) is None and (s != "index" or need_index)]
+    missing = [s for s in NEEDED if artifacts.meta(s) is None]
+    if "index" in missing and not need_index and "reader" not in missing:
+        missing.remove("index")  # the user's own documents are served; the project index only trains the reader
     if missing and no_build:
         raise UserError(f"missing artifacts: {', '.join(missing)} (--no-build was given); "
                         f"build them with: python -m pipeline run --profile {cfg.profile} --only {missing[0]}")

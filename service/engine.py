@@ -77,6 +77,7 @@ class Engine:
         self._models: dict[str, tuple] = {}
         self._thresholds: dict[str, float | None] = {}  # read once per variant, like its weights
         self._selectors: dict[str, object] = {}  # copy-decoding selectors, read once per variant
+        self._reader = None  # the selectors' cross-encoder (pipeline/reader.py), loaded on first use
         self._batchers: dict[str, Batcher] = {}  # free decoding, batched across requests, per variant
         self.max_batch = max_batch
         # One load at a time: concurrent from_pretrained calls (a variant and the embedder, from
@@ -239,15 +240,24 @@ class Engine:
             self._selectors[variant] = load_selector(self.artifacts.dir(variant))
         return self._selectors[variant]
 
+    def reader(self):
+        """The copy selectors' reader, loaded once (the ``reader`` stage's cross-encoder)."""
+        from pipeline.reader import Reader
+
+        with self._load_lock:
+            if self._reader is None:
+                self._reader = Reader(self.artifacts.require("reader"))
+        return self._reader
+
     def _copy(self, messages, passages, tokenizer, model, variant, selector):
         """One reply: the shown sentence the selector picks, with its [n], or the refusal."""
         import torch
 
-        from pipeline.copying import featurize
         from pipeline.generation import prompt_text
 
         with torch.inference_mode():
-            text = selector.reply(featurize(model, tokenizer, self.retriever.embedder, messages))
+            reader = self.reader() if selector.reads_reader else None
+            text = selector.answer(model, tokenizer, self.retriever.embedder, reader, messages)
         yield Reply(text, passages, variant, token_count(tokenizer, prompt_text(tokenizer, messages)),
                     token_count(tokenizer, text))
 

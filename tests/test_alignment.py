@@ -51,7 +51,7 @@ def workspace(tmp_path_factory, tiny_model_dir):
                                     f"base.model={tiny_model_dir}", *SHORT, *overrides])
 
     cfg = config()
-    for stage in ("base", "index", "dataset"):
+    for stage in ("base", "index", "reader", "dataset"):
         run_pipeline(cfg, only=stage)
     return root, config
 

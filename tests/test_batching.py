@@ -23,9 +23,13 @@ def conversation(question: str) -> list[dict]:
 
 
 def alone(tiny, question: str, tokens: int) -> str:
+    """The reference: transformers' own greedy ``generate`` on this conversation alone."""
+    from pipeline.generation import prompt_text
+
     model, tokenizer = tiny
-    return generate_batch(model, tokenizer, [conversation(question)], max_new_tokens=tokens, batch_size=1,
-                          desc=None)[0]
+    ids = tokenizer(prompt_text(tokenizer, conversation(question)), return_tensors="pt", add_special_tokens=False)
+    output = model.generate(**ids, max_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(output[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
 def finals(updates) -> dict[int, str]:
@@ -48,6 +52,17 @@ def test_stream_batch_matches_one_at_a_time_with_each_rows_cap(tiny):
     for row, (question, cap) in enumerate(zip(QUESTIONS, caps)):
         assert texts[row].strip() == alone(tiny, question, cap)
         assert len(tokenizer(texts[row], add_special_tokens=False)["input_ids"]) <= cap
+
+
+def test_generate_batch_refills_its_batch_and_answers_as_generate_does():
+    """Five conversations through batches of two: each answer is transformers' greedy answer
+    to that conversation alone, whatever rows it shared its steps with."""
+    tokenizer = build_tokenizer()
+    sharp = (build_tiny_llama(len(tokenizer), initializer_range=0.5), tokenizer)
+    questions = QUESTIONS + ["Why warm up the learning rate?", "What is LoRA's rank?"]
+    answers = generate_batch(*sharp, [conversation(q) for q in questions], max_new_tokens=7, batch_size=2, desc=None)
+    assert answers == [alone(sharp, q, 7) for q in questions]
+    assert len(set(answers)) > 1, "the check needs answers that differ"
 
 
 def test_stream_batch_refuses_rows_above_the_threshold_without_generating(tiny):

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 
 from pipeline import copying
-from pipeline.copying import Candidates, Linear, Selector, candidates, fit, right
-from pipeline.prompt import REFUSAL, build_messages
+from pipeline.candidates import candidates, right
+from pipeline.copying import FEATURES, Candidates, Linear, Selector, choose, fit
+from pipeline.prompt import REFUSAL, build_messages, strip_citations
 from tests.conftest import build_tiny_llama, build_tokenizer
 
 
@@ -34,20 +35,21 @@ def test_right_needs_every_fact_and_refuses_only_silence():
     assert right(REFUSAL, None) and not right("The paper used p = 0.5 [2].", None)
 
 
-def _synthetic(seed: int, n: int = 40):
-    """Questions whose right sentence has the highest second feature; silent ones have low maxima."""
+def _synthetic(seed: int, n: int = 40, informative: int = 1):
+    """Questions whose right sentence has the highest ``informative`` feature; silent ones have
+    low maxima of the question features."""
     rng = np.random.default_rng(seed)
     cands, facts = [], []
     for i in range(n):
         replies = [f"sentence {i} {j} [1]." for j in range(4)]
-        feats = rng.normal(size=(4, 4))
+        feats = rng.normal(size=(4, len(FEATURES)))
         silent = i % 3 == 0
         if silent:
             feats[:, :3] -= 2.0
             facts.append(None)
         else:
             good = int(rng.integers(4))
-            feats[good, 1] += 3.0
+            feats[good, informative] += 3.0
             facts.append([[f"{i} {good}"]])
         cands.append(Candidates(f"q{i}", replies, feats))
     return cands, facts
@@ -66,15 +68,28 @@ def test_fit_learns_which_sentence_and_when_to_refuse():
     assert [again.reply(c) for c in held_out] == [selector.reply(c) for c in held_out]
 
 
+def test_the_dev_split_decides_whether_the_variant_is_read():
+    """``choose`` keeps the variant's own feature only where it makes more right decisions,
+    leave one question out; without it, copy decoding never runs the variant."""
+    informative_model = _synthetic(3, informative=FEATURES.index("question_likelihood"))
+    selector, report = choose(*informative_model)
+    counts = report["leave_one_out_right"]
+    assert counts["with question_likelihood"] > counts["without question_likelihood"]
+    assert selector.reads_model and selector.features == FEATURES
+    selector, report = choose(*_synthetic(3))  # the model's feature is noise here
+    assert not selector.reads_model and "question_likelihood" not in selector.features
+
+
 def test_selector_refuses_above_threshold_and_without_candidates():
+    names = FEATURES[:4]
     linear = Linear([0, 0, 0, 0], [1, 1, 1, 1], [0, 1, 0, 0], 0.0)
     silence = Linear([0, 0, 0], [1, 1, 1], [-1, -1, -1], 0.0)
-    selector = Selector(linear, silence, threshold=0.0)
-    strong = Candidates("q", ["a [1].", "b [2]."], np.array([[1, 0.2, 1, 1], [1, 0.9, 1, 2]], float))
-    weak = Candidates("q", ["a [1].", "b [2]."], np.array([[-1, 0.2, -1, 1], [-1, 0.1, -1, 2]], float))
+    selector = Selector(names, linear, silence, threshold=0.0)
+    strong = Candidates("q", ["a [1].", "b [2]."], np.array([[1, 0.2, 1, 1, 0], [1, 0.9, 1, 2, 0]], float))
+    weak = Candidates("q", ["a [1].", "b [2]."], np.array([[-1, 0.2, -1, 1, 0], [-1, 0.1, -1, 2, 0]], float))
     assert selector.reply(strong) == "b [2]."
     assert selector.reply(weak) == REFUSAL
-    assert selector.reply(Candidates("q", [], np.zeros((0, 4)))) == REFUSAL
+    assert selector.reply(Candidates("q", [], np.zeros((0, len(FEATURES))))) == REFUSAL
 
 
 class OverlapEmbedder:
@@ -88,26 +103,48 @@ class OverlapEmbedder:
         return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 
-def test_featurize_scores_every_candidate_with_the_model():
+class LengthReader:
+    """A reader stand-in: scores a sentence by its length, so each column can be checked."""
+
+    def scores(self, question, sentences):
+        return np.array([float(len(s)) for s in sentences])
+
+
+def test_featurize_scores_every_candidate_with_the_reader_and_the_model():
     import torch
 
     tokenizer = build_tokenizer()
     model = build_tiny_llama(len(tokenizer))
     messages = build_messages("Which value did the paper use for p?", PASSAGES)
-    c = copying.featurize(model, tokenizer, OverlapEmbedder(), messages)
-    assert c.features.shape == (4, len(copying.FEATURES))
-    likelihood = c.features[:, 0]
+    c = copying.featurize(model, tokenizer, OverlapEmbedder(), LengthReader(), messages)
+    assert c.features.shape == (4, len(FEATURES))
+    column = {name: c.features[:, i] for i, name in enumerate(FEATURES)}
+    assert list(column["reader_score"]) == [len(strip_citations(r)) for r in c.replies]
+    assert len(set(column["reader_score"])) == 3
+    likelihood = column["question_likelihood"]
     assert np.all(likelihood < 0) and len(set(np.round(likelihood, 6))) == 4, "one score per sentence"
     # the batched score equals scoring one sentence alone
     alone = copying.question_likelihoods(model, tokenizer, c.question, ["The paper used p = 0.5."])
     assert alone[0] == pytest.approx(likelihood[3], abs=1e-3)
-    assert list(c.features[:, 3]) == [1, 1, 2, 2]
-    assert c.features[3, 1] > max(c.features[:3, 1]), "only the last sentence holds 'paper'"
+    assert list(column["passage_rank"]) == [1, 1, 2, 2]
+    assert column["word_overlap"][3] > max(column["word_overlap"][:3]), "only the last sentence holds 'paper'"
+    without = copying.featurize(model, tokenizer, OverlapEmbedder(), LengthReader(), messages, with_model=False)
+    assert not without.features[:, FEATURES.index("question_likelihood")].any()
+    np.testing.assert_allclose(without.features[:, :4], c.features[:, :4])
+    overlap_only = Selector(FEATURES[:4], Linear([0] * 4, [1] * 4, [0, 1, 0, 0], 0),
+                            Linear([0] * 3, [1] * 3, [0, 0, 0], -1), 0.0)
     with torch.no_grad():
-        assert copying.copy_answers(model, tokenizer, OverlapEmbedder(),
-                                    Selector(Linear([0] * 4, [1] * 4, [0, 1, 0, 0], 0),
-                                             Linear([0] * 3, [1] * 3, [0, 0, 0], -1), 0.0),
+        assert copying.copy_answers(model, tokenizer, OverlapEmbedder(), LengthReader(), overlap_only,
                                     [messages]) == ["The paper used p = 0.5 [2]."]
+
+
+def test_a_copying_file_naming_unknown_features_is_refused_with_the_fix():
+    from pipeline.errors import UserError
+
+    raw = Selector(("word_overlap",), Linear([0], [1], [1], 0), Linear([0] * 3, [1] * 3, [0] * 3, 0), 0.0).to_dict()
+    raw["features"] = ["word_overlap", "sentence_colour"]
+    with pytest.raises(UserError, match="sentence_colour.*calibrate"):
+        Selector.from_dict(raw)
 
 
 def test_fit_on_a_dev_split_with_one_class_still_decides():

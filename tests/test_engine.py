@@ -174,7 +174,9 @@ def test_copy_decoding_serves_a_cited_passage_sentence(served_artifacts):
 
     from pipeline.copying import SETTINGS_FILE, Linear, Selector
 
-    overlap_only = Selector(Linear([0] * 4, [1] * 4, [0, 1, 0, 0], 0.0), Linear([0] * 3, [1] * 3, [0, 0, 0], 0.0), 1.0)
+    # word overlap alone: a selector that reads neither the reader nor the model
+    overlap_only = Selector(("word_overlap",), Linear([0], [1], [1], 0.0), Linear([0] * 2, [1] * 2, [0, 0], 0.0), 1.0,
+                            ("word_overlap", "embedding_similarity"))
     path = served_artifacts / "sft" / SETTINGS_FILE
     path.write_text(json.dumps({"selector": overlap_only.to_dict()}))
     try:
@@ -185,7 +187,8 @@ def test_copy_decoding_serves_a_cited_passage_sentence(served_artifacts):
         free = engine.answer("Who proposed Adam?", variant="sft",
                              settings=GenerationSettings(max_new_tokens=12, copy_decoding=False))
         assert free.text != replies[0].text, "unticking copy decoding decodes freely"
-        always_silent = Selector(overlap_only.sentence, Linear([0] * 3, [1] * 3, [0, 0, 0], 5.0), 1.0)
+        always_silent = Selector(("word_overlap",), overlap_only.sentence, Linear([0] * 2, [1] * 2, [0, 0], 5.0), 1.0,
+                                 ("word_overlap", "embedding_similarity"))
         engine._selectors["sft"] = always_silent  # silence score 5 > threshold 1: refuse
         assert engine.answer("Who proposed Adam?", variant="sft").text == REFUSAL
     finally:

@@ -53,7 +53,8 @@ def test_copy_decoding_rows_copy_a_shown_sentence_and_compare_with_free_decoding
 
     artifacts = Artifacts(served_artifacts)
     retriever = Retriever(artifacts.require("index"))
-    overlap_only = Selector(Linear([0] * 4, [1] * 4, [0, 1, 0, 0], 0.0), Linear([0] * 3, [1] * 3, [0, 0, 0], 0.0), 1.0)
+    overlap_only = Selector(("word_overlap",), Linear([0], [1], [1], 0.0), Linear([0] * 2, [1] * 2, [0, 0], 0.0), 1.0,
+                            ("word_overlap", "embedding_similarity"))
     path = artifacts.dir("sft") / SETTINGS_FILE
     path.write_text(json.dumps({"selector": overlap_only.to_dict()}))
     try:

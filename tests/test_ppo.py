@@ -170,3 +170,29 @@ def test_ppo_runs_unchanged_under_several_processes(tmp_path):
     assert ranks[0]["moved"] > 0
     assert ranks[0]["weights"] == ranks[1]["weights"], "DDP must keep the replicas identical"
     assert ranks[0]["kl_coef"] == ranks[1]["kl_coef"], "the KL controller must agree across processes"
+
+
+def test_rollouts_come_from_the_decode_loop_with_each_rows_length():
+    """PPO's sampling runs on pipeline.generation's loop: with top-k 1 a sample is the greedy
+    reply, cut at the row's LengthSampler draw; the tensors line up with the texts."""
+    from conftest import build_tiny_llama, build_tokenizer
+    from pipeline.generation import prompt_text
+    from pipeline.rl.trainer import PPOSettings, sample
+
+    tokenizer = build_tokenizer()
+    model = build_tiny_llama(len(tokenizer), initializer_range=0.5)
+    prompts = [[{"role": "user", "content": q}] for q in ("hi", "tell me more about it", "go")]
+    lengths = [5, 9, 3]
+    settings = PPOSettings(temperature=1.0, top_k=1, top_p=1.0, repetition_penalty=1.0)
+    input_ids, attention, mask, prompt_len, texts = sample(model, tokenizer, prompts, lengths, settings)
+    for i, (prompt, length) in enumerate(zip(prompts, lengths)):
+        ids = tokenizer(prompt_text(tokenizer, prompt), return_tensors="pt", add_special_tokens=False)["input_ids"]
+        greedy = model.generate(ids, max_new_tokens=length, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        expected = greedy[0, ids.shape[1]:]
+        taken = int(mask[i].sum())
+        assert taken <= length
+        assert input_ids[i, prompt_len:prompt_len + taken].tolist() == expected[:taken].tolist()
+        assert input_ids[i, prompt_len - ids.shape[1]:prompt_len].tolist() == ids[0].tolist()
+        assert int(attention[i].sum()) == ids.shape[1] + taken
+        assert texts[i] == tokenizer.decode(expected, skip_special_tokens=True).strip()
+    assert len(set(texts)) > 1

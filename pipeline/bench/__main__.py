@@ -96,10 +96,15 @@ def main(argv=None) -> None:
         from pipeline.numeric import to_numeric_path
 
         selector = load_selector(artifacts.dir(variant)) if variant != "base" else None
+        reader = None
+        if selector is not None and selector.reads_reader:
+            from pipeline.reader import Reader
+
+            reader = Reader(artifacts.require("reader"))
         paths = {name: model if name == "fp32" else to_numeric_path(copy.deepcopy(model), name)
                  for name in args.answers_numeric}
         report["answers"] = {"variant": variant, **generation.answer_latency(
-            retriever, paths, tokenizer, selector, [r.question for r in answerable[:args.answers]])}
+            retriever, paths, tokenizer, selector, [r.question for r in answerable[:args.answers]], reader=reader)}
     if "concurrency" not in args.skip:
         from pipeline.numeric import to_numeric_path
 

@@ -95,29 +95,26 @@ def time_ort_generation(generator, tokenizer, messages, reference: list[int], ne
 
 def greedy_ids(model, tokenizer, messages, new_tokens: int = 64) -> list[int]:
     """The reference path's greedy tokens, to compare other engines with."""
-    from pipeline.generation import DecodeBatch, Row, prompt_text
-
     import torch
+
+    from pipeline.generation import Row, decode_all, prompt_text
 
     row = Row(tokenizer(prompt_text(tokenizer, messages), add_special_tokens=False)["input_ids"], lambda text: None,
               new_tokens, min_new_tokens=new_tokens)
-    batch = DecodeBatch(model, tokenizer)
     with torch.inference_mode():
-        batch.join(row)
-        while batch.rows:
-            batch.step()
+        decode_all(model, tokenizer, [row])
     return row.generated
 
 
-def answer_latency(retriever, paths: dict, tokenizer, selector, questions: list[str], new_tokens: int = 40) -> dict:
+def answer_latency(retriever, paths: dict, tokenizer, selector, questions: list[str], new_tokens: int = 40,
+                   reader=None) -> dict:
     """End to end, per question (retrieval, prompt, reply), p50/p95 seconds: free greedy decoding
     of ``new_tokens`` tokens on each numeric path in ``paths`` (name -> model; the system turn's
     cache reused, as served), with its time to first token on these real prompts, against
-    copy decoding (pipeline/copying.py) on the first path's model."""
+    copy decoding (pipeline/copying.py, with ``reader``) on the first path's model."""
     import torch
 
     from pipeline.bench.retrieval import _percentiles as percentiles
-    from pipeline.copying import featurize
     from pipeline.prompt import build_messages
 
     report = {"questions": len(questions), "free": {}}
@@ -138,7 +135,7 @@ def answer_latency(retriever, paths: dict, tokenizer, selector, questions: list[
             for question in questions:
                 started = time.perf_counter()
                 messages = build_messages(question, retriever.search(question))
-                selector.reply(featurize(model, tokenizer, retriever.embedder, messages))
+                selector.answer(model, tokenizer, retriever.embedder, reader, messages)
                 copied.append(time.perf_counter() - started)
             report["copy_decoding"] = percentiles(copied)
     report["new_tokens"] = new_tokens

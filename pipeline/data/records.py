@@ -86,6 +86,14 @@ def read_records(path: Path) -> tuple[list[QARecord], list[str]]:
     return records, problems
 
 
+def in_dev_split(record_id: str, share: float) -> bool:
+    """Whether a train record belongs to the dev split (held back from every trainer; settings
+    are chosen on it). A hash of the id, so the split never depends on file order."""
+    import hashlib
+
+    return int(hashlib.sha1(record_id.encode()).hexdigest(), 16) % 1000 < share * 1000
+
+
 def load_split(qa_dir: Path, split: str) -> list[QARecord]:
     """All records of a split; raises ``DataError`` listing every bad line."""
     path = Path(qa_dir) / f"{split}.jsonl"

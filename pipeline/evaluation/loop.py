@@ -88,6 +88,7 @@ def evaluate(artifacts, records, retriever, settings: EvalSettings, perplexity_t
 
     passages = [retriever.search(retrieval_query(r.question, r.history)) for r in records]
     runs: list[Run] = []
+    reader = None
     built = [v for v in settings.variants if v == "base" or artifacts.meta(v) is not None]
     if settings.extractive_baseline:
         from pipeline.evaluation.baselines import extractive_answer
@@ -121,7 +122,11 @@ def evaluate(artifacts, records, retriever, settings: EvalSettings, perplexity_t
                             else to_numeric_path(copy.deepcopy(model), numeric))
             run.extra["refusal_threshold"] = threshold if layout == "template" else None
             if layout == "copy":
-                copy_and_score(run, model, tokenizer, retriever.embedder, selector, prompts, records, passages)
+                if reader is None and selector.reads_reader:
+                    from pipeline.reader import Reader
+
+                    reader = Reader(artifacts.require("reader"))
+                copy_and_score(run, model, tokenizer, retriever.embedder, reader, selector, prompts, records, passages)
             elif numeric.startswith("ort-"):
                 ort_and_score(run, artifacts, model, tokenizer, prompts, records, passages, settings)
             else:
@@ -157,11 +162,11 @@ def ort_and_score(run: Run, artifacts, model, tokenizer, prompts, records, passa
     score_rows(run, records, passages)
 
 
-def copy_and_score(run: Run, model, tokenizer, embedder, selector, prompts, records, passages) -> None:
+def copy_and_score(run: Run, model, tokenizer, embedder, reader, selector, prompts, records, passages) -> None:
     from pipeline.copying import copy_answers
 
     started = time.time()
-    run.answers = copy_answers(model, tokenizer, embedder, selector, prompts, desc=run.name)
+    run.answers = copy_answers(model, tokenizer, embedder, reader, selector, prompts, desc=run.name)
     run.seconds_per_answer = (time.time() - started) / max(1, len(records))
     score_rows(run, records, passages)
 

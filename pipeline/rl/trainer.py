@@ -98,27 +98,33 @@ def forward(model, value_head, input_ids, attention_mask, prompt_len: int, with_
 
 
 def sample(model, tokenizer, prompts: list[list[dict]], lengths: list[int], settings: PPOSettings):
-    """Sample responses; returns (input_ids, attention_mask, response mask, prompt_len, texts)."""
-    tokenizer.padding_side = "left"
-    texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
-    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-    prompt_len = batch["input_ids"].shape[1]
+    """Sample a response to each prompt, at most ``lengths[i]`` tokens (the LengthSampler's
+    draw), through the project's decode loop (pipeline/generation.py); returns (input_ids,
+    attention_mask, response mask, prompt_len, texts): prompts left-padded to one length,
+    responses after them, the end-of-turn token kept in the mask where a response stopped."""
+    from pipeline.generation import Row, decode_all, prompt_text
+
+    rows = [Row(tokenizer(prompt_text(tokenizer, p), add_special_tokens=False)["input_ids"], lambda text: None,
+                length, settings.temperature, settings.top_p, settings.repetition_penalty, top_k=settings.top_k)
+            for p, length in zip(prompts, lengths)]
     with torch.no_grad():
-        output = model.generate(**batch, max_new_tokens=max(lengths), do_sample=True,
-                                temperature=settings.temperature, top_k=settings.top_k or None,
-                                top_p=settings.top_p, repetition_penalty=settings.repetition_penalty,
-                                pad_token_id=tokenizer.pad_token_id)
-    response = output[:, prompt_len:]
-    mask = torch.zeros(response.shape, dtype=torch.float, device=response.device)
-    for i, length in enumerate(lengths):
-        ends = (response[i] == tokenizer.eos_token_id).nonzero()
-        stop = min(length, int(ends[0]) + 1 if len(ends) else response.shape[1])
-        mask[i, :stop] = 1.0
-    response = torch.where(mask.bool(), response, torch.full_like(response, tokenizer.pad_token_id))
-    input_ids = torch.cat([batch["input_ids"], response], dim=1)
-    attention_mask = torch.cat([batch["attention_mask"], mask.long()], dim=1)
-    decoded = [tokenizer.decode(r[m.bool()], skip_special_tokens=True).strip() for r, m in zip(response, mask)]
-    return input_ids, attention_mask, mask, prompt_len, decoded
+        decode_all(model, tokenizer, rows, batch_size=len(rows))
+    end = tokenizer.eos_token_id
+    pad = end if tokenizer.pad_token_id is None else tokenizer.pad_token_id
+    responses = [row.generated + ([end] if row.stopped else []) for row in rows]
+    prompt_len, width = max(len(r.prompt_ids) for r in rows), max(1, max(map(len, responses)))
+    input_ids = torch.full((len(rows), prompt_len + width), pad, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    mask = torch.zeros(len(rows), width)
+    for i, (row, response) in enumerate(zip(rows, responses)):
+        start = prompt_len - len(row.prompt_ids)
+        input_ids[i, start:prompt_len] = torch.tensor(row.prompt_ids)
+        input_ids[i, prompt_len:prompt_len + len(response)] = torch.tensor(response, dtype=torch.long)
+        attention_mask[i, start:prompt_len + len(response)] = 1
+        mask[i, :len(response)] = 1.0
+    decoded = [tokenizer.decode(row.generated, skip_special_tokens=True).strip() for row in rows]
+    device = model.device
+    return input_ids.to(device), attention_mask.to(device), mask.to(device), prompt_len, decoded
 
 
 def make_trajectory(model, value_head, input_ids, attention_mask, mask, prompt_len, scores,

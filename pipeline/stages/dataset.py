@@ -25,7 +25,6 @@ Every prompt is built by pipeline.prompt.build_messages, exactly as the service 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from collections import Counter
@@ -142,10 +141,6 @@ def _write(path: Path, rows: list[dict]) -> None:
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def _in_validation(record_id: str, share: float) -> bool:
-    return int(hashlib.sha1(record_id.encode()).hexdigest(), 16) % 1000 < share * 1000
-
-
 def _pair(record_id: str, kind: str, prompt: list, chosen: str, rejected: str) -> dict:
     return {"id": record_id, "kind": kind, "prompt": prompt,
             "chosen": [{"role": "assistant", "content": chosen}],
@@ -192,7 +187,7 @@ def examples_for(record, retriever, k: int, rng: random.Random, config: Config, 
 
 
 def run(config: Config, ctx) -> dict:
-    from pipeline.data.records import load_split
+    from pipeline.data.records import in_dev_split, load_split
     from pipeline.retrieval.retriever import Retriever
 
     cfg = ctx.config
@@ -205,7 +200,7 @@ def run(config: Config, ctx) -> dict:
     sets = {name: [] for name in ("sft", "sft_val", "prefs", "prefs_val", "prompts")}
     kinds, stats = Counter(), Counter()
     for record in records:
-        val = _in_validation(record.id, config.validation_share)
+        val = in_dev_split(record.id, config.validation_share)
         stats["answerable"] += record.answerable
         for example in examples_for(record, retriever, k, rng, config, records, stats):
             row_id = record.id + ("-drill" if example.get("drill") else "")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from pipeline.training import LoraSettings
 
-PARENTS = ("sft", "dataset")
+PARENTS = ("sft", "dataset", "reader")
 
 
 @dataclass

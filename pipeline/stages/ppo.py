@@ -23,7 +23,7 @@ from pathlib import Path
 from pipeline.rl.trainer import PPOSettings
 from pipeline.training import LoraSettings
 
-PARENTS = ("sft", "reward", "dataset")
+PARENTS = ("sft", "reward", "dataset", "reader")
 
 
 @dataclass

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from pipeline.training import LoraSettings
 
-PARENTS = ("base", "dataset")
+PARENTS = ("base", "dataset", "reader")
 
 
 @dataclass

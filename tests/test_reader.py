@@ -1,0 +1,81 @@
+"""The reader (pipeline/reader.py) on a tiny hand-built BERT: it learns which sentence answers."""
+from __future__ import annotations
+
+import pytest
+
+from pipeline.reader import Reader, ReaderSettings, labelled_pairs, train
+
+WORDS = ["what", "is", "the", "rate", "it", "was", "set", "to", "0.1", "paper", "used", "a", "large", "model",
+         "answer", "about", "we", "tried", "many"]
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    """A 2-layer BERT, width 32, with a word-level vocabulary: a stand-in for MiniLM."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    vocabulary = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "?"] + WORDS
+    tokenizer = BertTokenizer(vocab={word: i for i, word in enumerate(vocabulary)})
+    assert tokenizer.unk_token_id not in tokenizer("what is the rate?")["input_ids"]
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def test_the_reader_learns_to_rank_the_answering_sentence_first(tiny_bert, tmp_path):
+    question = "what is the rate?"
+    answer, others = "it was set to 0.1.", ["the paper used a large model.", "we tried many."]
+    pairs = [(question, answer, 1.0)] * 8 + [(question, s, 0.0) for s in others] * 8
+    settings = ReaderSettings(epochs=12, batch_size=8, learning_rate=1e-2, warmup=0.0, max_length=32)
+    metrics = train(pairs, tiny_bert, tmp_path, settings)
+    assert metrics["train_pairs"] == 24 and metrics["train_positives"] == 8
+    scores = Reader(tmp_path).scores(question, others[:1] + [answer] + others[1:])
+    assert scores.argmax() == 1 and scores[1] > max(scores[0], scores[2]) + 1.0, scores
+    assert len(Reader(tmp_path).scores(question, [])) == 0
+
+
+def test_training_without_both_kinds_of_sentence_is_refused(tiny_bert, tmp_path):
+    from pipeline.errors import UserError
+
+    with pytest.raises(UserError, match="0 positives"):
+        train([("what is it?", "we tried many.", 0.0)] * 3, tiny_bert, tmp_path, ReaderSettings())
+
+
+def test_an_unbuilt_reader_names_the_stage_to_run(tmp_path):
+    from pipeline.artifacts import MissingArtifact
+
+    with pytest.raises(MissingArtifact, match="--only reader"):
+        Reader(tmp_path)
+
+
+class Record:
+    def __init__(self, question, facts):
+        self.question, self.facts, self.history = question, facts, []
+        self.answerable = bool(facts)
+
+
+class FixedRetriever:
+    def __init__(self, passages):
+        self.passages = passages
+
+    def search(self, query):
+        return self.passages
+
+
+def test_pairs_label_the_sentence_holding_every_fact_and_nothing_for_a_silent_question():
+    class P:
+        def __init__(self, title, text):
+            self.title, self.headers, self.text = title, "", text
+
+    passages = [P("Rates", "The rate was set to 0.1. The paper used a large model.")]
+    pairs = labelled_pairs([Record("What rate was set?", [["0.1"]]), Record("Who wrote it?", [])],
+                           FixedRetriever(passages))
+    # the sentence as copy decoding shows it to the reader: cited, then the citation taken off
+    assert pairs == [("What rate was set?", "The rate was set to 0.1 .", 1.0),
+                     ("What rate was set?", "The paper used a large model .", 0.0),
+                     ("Who wrote it?", "The rate was set to 0.1 .", 0.0),
+                     ("Who wrote it?", "The paper used a large model .", 0.0)]
