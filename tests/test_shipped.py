@@ -37,3 +37,25 @@ def test_the_shipped_sft_adapter_is_complete():
     selector = load_selector(folder)
     assert selector is not None and "reader_score" in selector.features, "copy decoding ships with sft"
     assert len(selector.sentence.weights) == len(selector.features)
+
+
+def test_the_chat_builds_the_reader_and_the_project_index_only_while_the_reader_needs_it(tmp_path, monkeypatch):
+    """Serving your own documents skips the project index, unless the reader is still to be
+    trained: it learns from the project's training questions over that index."""
+    from pipeline.config import load_config
+
+    built = []
+    monkeypatch.setattr("pipeline.runner.run_pipeline", lambda cfg, only: built.append(only))
+    monkeypatch.setattr(service_main, "install_shipped", lambda artifacts: [])
+    cfg = load_config("tiny", [f"paths.artifacts={tmp_path}"])
+    artifacts = Artifacts(tmp_path)
+    service_main.ensure_built(cfg, no_build=False, need_index=False)
+    assert built == ["base", "index", "reader"]
+    for stage in ("base", "reader"):
+        artifacts.dir(stage).mkdir(parents=True)
+        artifacts.write_meta(artifacts.dir(stage), {"stage": stage, "fingerprint": "x"})
+    built.clear()
+    service_main.ensure_built(cfg, no_build=False, need_index=False)
+    assert built == []
+    service_main.ensure_built(cfg, no_build=False, need_index=True)
+    assert built == ["index"]

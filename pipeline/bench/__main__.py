@@ -177,7 +177,7 @@ def render(report: dict) -> str:
         rows = [{"path": f"free, {name}", **timing} for name, timing in a["free"].items()]
         if "copy_decoding" in a:
             rows.append({"path": f"copy decoding, {next(iter(a['free']))}", **a["copy_decoding"],
-                         "ttft_p50_ms": a["copy_decoding"]["p50_ms"]})
+                         "ttft_p50_ms": a["copy_decoding"]["p50_ms"], "ttft_whole_prompt_p50_ms": "-"})
         lines += _table(rows) + [""]
     if "concurrency" in report:
         c = report["concurrency"]

@@ -110,7 +110,8 @@ def answer_latency(retriever, paths: dict, tokenizer, selector, questions: list[
                    reader=None) -> dict:
     """End to end, per question (retrieval, prompt, reply), p50/p95 seconds: free greedy decoding
     of ``new_tokens`` tokens on each numeric path in ``paths`` (name -> model; the system turn's
-    cache reused, as served), with its time to first token on these real prompts, against
+    cache reused, as served), with its time to first token on these real prompts (and reading
+    each whole prompt, for comparison), against
     copy decoding (pipeline/copying.py, with ``reader``) on the first path's model."""
     import torch
 
@@ -120,7 +121,7 @@ def answer_latency(retriever, paths: dict, tokenizer, selector, questions: list[
     report = {"questions": len(questions), "free": {}}
     with torch.inference_mode():
         for name, model in paths.items():
-            prefix, totals, firsts = system_prefix(model, tokenizer), [], []
+            prefix, totals, firsts, whole = system_prefix(model, tokenizer), [], [], []
             _timed_reply(model, tokenizer, build_messages(questions[0], retriever.search(questions[0])), 2, prefix)
             for question in questions:
                 started = time.perf_counter()
@@ -129,7 +130,9 @@ def answer_latency(retriever, paths: dict, tokenizer, selector, questions: list[
                 first, _ = _timed_reply(model, tokenizer, messages, new_tokens, prefix)
                 totals.append(time.perf_counter() - started)
                 firsts.append(before_reply + first)  # retrieval and the prompt count too
-            report["free"][name] = {**percentiles(totals), "ttft_p50_ms": round(1000 * statistics.median(firsts), 1)}
+                whole.append(before_reply + _timed_reply(model, tokenizer, messages, 1)[0])  # no cached system turn
+            report["free"][name] = {**percentiles(totals), "ttft_p50_ms": round(1000 * statistics.median(firsts), 1),
+                                    "ttft_whole_prompt_p50_ms": round(1000 * statistics.median(whole), 1)}
         if selector is not None:
             model, copied = next(iter(paths.values())), []
             for question in questions:
