@@ -70,7 +70,7 @@ def test_stages_follow_the_modules_they_import():
     assert "prompt.py" not in {path.name for path in code_files("pipeline.stages.base").values()}
 
 
-def test_editing_prompt_py_makes_six_stages_stale_and_names_the_file(built_copy):
+def test_editing_prompt_py_makes_seven_stages_stale_and_names_the_file(built_copy):
     checkout, artifacts = built_copy
     status = _python(checkout, "-m", "pipeline", "status", f"paths.artifacts={artifacts}")
     assert set(_states(status).values()) == {"built"}, status
@@ -80,10 +80,10 @@ def test_editing_prompt_py_makes_six_stages_stale_and_names_the_file(built_copy)
     status = _python(checkout, "-m", "pipeline", "status", f"paths.artifacts={artifacts}")
     states = _states(status)
     stale = {name for name, state in states.items() if state == "stale"}
-    assert stale == {"dataset", "sft", "reward", "dpo", "ppo", "eval"}, status
+    assert stale == {"reader", "dataset", "sft", "reward", "dpo", "ppo", "eval"}, status
     assert states["base"] == states["index"] == "built"
     why = dict(line.split(" is stale: ") for line in status.split("\n\n")[1].splitlines())
-    for name in ("dataset", "sft", "dpo", "ppo", "eval"):
+    for name in ("reader", "dataset", "sft", "dpo", "ppo", "eval"):
         assert "code pipeline/prompt.py changed" in why[name], why[name]
     assert "parent sft is stale" in why["reward"] and "prompt.py" not in why["reward"]  # imports none
 
