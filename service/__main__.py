@@ -3,9 +3,10 @@
     python -m service [--host H] [--port P] [--variant NAME] [--index DIR | --docs DIR]
                       [--no-build] [--profile quick]
 
-Without ``--no-build``, the stages the chat needs (base, index, reader) are built first on the
-chosen profile when they are missing, and the trained adapters shipped in adapters/ are
-installed where their stage is not built, so the first `make chat` serves an aligned model.
+Without ``--no-build``, the trained adapters shipped in adapters/ are installed where their
+stage is not built, so the first `make chat` serves an aligned model, and the stages the chat
+needs (base, index, and the reader its copy decoding reads) are built first on the chosen
+profile when they are missing.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from pipeline.errors import UserError
 from pipeline.numeric import NUMERIC_PATHS
 from service.engine import DEFAULT_NUMERIC
 
-NEEDED = ("base", "index", "reader")  # the reader: copy decoding's cross-encoder (a few minutes to train)
+NEEDED = ("base", "index")
 SHIPPED = REPO_ROOT / "adapters"  # small trained LoRA adapters that `make pipeline` reproduces
 # "auto" serves the first of these that is built (or shipped): best measured first, see
 # README "Results". The shipped adapters make it the aligned model on a fresh machine.
@@ -63,22 +64,36 @@ def docs_cache(cfg, docs: Path) -> Path:
     return folder
 
 
+def reader_needed(artifacts: Artifacts) -> bool:
+    """Whether a built (or shipped) variant copy-decodes with the reader's scores."""
+    from pipeline.copying import load_selector
+
+    for variant in VARIANT_PREFERENCE:
+        selector = load_selector(artifacts.dir(variant)) if artifacts.meta(variant) is not None else None
+        if selector is not None and selector.reads_reader:
+            return True
+    return False
+
+
 def ensure_built(cfg, no_build: bool, need_index: bool) -> None:
+    """Build what the chat needs and is missing: base, the index (unless other documents are
+    served), and the reader when a variant copy-decodes with it (it trains on the project's
+    questions over the project index, so that index is built for it too)."""
     from pipeline.runner import run_pipeline
 
     artifacts = Artifacts(cfg.paths.resolve("artifacts"))
-    missing = [s for s in NEEDED if artifacts.meta(s) is None]
-    if "index" in missing and not need_index and "reader" not in missing:
-        missing.remove("index")  # the user's own documents are served; the project index only trains the reader
+    if not no_build:
+        for stage in install_shipped(artifacts):
+            logging.getLogger("service").info("installed the shipped '%s' adapter from %s", stage, SHIPPED)
+    want_reader = reader_needed(artifacts) and artifacts.meta("reader") is None
+    missing = [s for s in NEEDED if artifacts.meta(s) is None and (s != "index" or need_index or want_reader)]
+    missing += ["reader"] if want_reader else []
     if missing and no_build:
         raise UserError(f"missing artifacts: {', '.join(missing)} (--no-build was given); "
                         f"build them with: python -m pipeline run --profile {cfg.profile} --only {missing[0]}")
     for stage in missing:
         logging.getLogger("service").info("building missing stage '%s' (profile %s)", stage, cfg.profile)
         run_pipeline(cfg, only=stage)
-    if not no_build:
-        for stage in install_shipped(artifacts):
-            logging.getLogger("service").info("installed the shipped '%s' adapter from %s", stage, SHIPPED)
 
 
 def make_library(cfg, args, engine):

@@ -39,9 +39,11 @@ def test_the_shipped_sft_adapter_is_complete():
     assert len(selector.sentence.weights) == len(selector.features)
 
 
-def test_the_chat_builds_the_reader_and_the_project_index_only_while_the_reader_needs_it(tmp_path, monkeypatch):
-    """Serving your own documents skips the project index, unless the reader is still to be
-    trained: it learns from the project's training questions over that index."""
+def test_the_chat_builds_the_reader_only_for_a_variant_that_reads_it(tmp_path, monkeypatch):
+    """The reader is built when a variant's copy decoding reads it; serving your own documents
+    then still builds the project index, which the reader learns from."""
+    import shutil
+
     from pipeline.config import load_config
 
     built = []
@@ -49,6 +51,10 @@ def test_the_chat_builds_the_reader_and_the_project_index_only_while_the_reader_
     monkeypatch.setattr(service_main, "install_shipped", lambda artifacts: [])
     cfg = load_config("tiny", [f"paths.artifacts={tmp_path}"])
     artifacts = Artifacts(tmp_path)
+    service_main.ensure_built(cfg, no_build=False, need_index=False)
+    assert built == ["base"], "no variant reads the reader: your own documents need no project index"
+    shutil.copytree(service_main.SHIPPED / "sft", artifacts.dir("sft"))  # its selector reads the reader
+    built.clear()
     service_main.ensure_built(cfg, no_build=False, need_index=False)
     assert built == ["base", "index", "reader"]
     for stage in ("base", "reader"):
