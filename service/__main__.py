@@ -25,8 +25,8 @@ from service.engine import DEFAULT_NUMERIC
 
 NEEDED = ("base", "index")
 SHIPPED = REPO_ROOT / "adapters"  # small trained LoRA adapters that `make pipeline` reproduces
-# "auto" serves the first of these that is built (or shipped): best measured first, see
-# README "Results". The shipped adapters make it the aligned model on a fresh machine.
+# "auto" serves the first of these that is built (or shipped). Served by copy decoding they
+# answer alike (README "Results"); sft comes first because its adapter is shipped.
 VARIANT_PREFERENCE = ("sft", "dpo", "ppo", "base")
 
 
