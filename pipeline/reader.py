@@ -59,16 +59,25 @@ class Reader:
                           dtype=np.float64)
 
 
+def served_candidates(record, retriever) -> tuple[str, list[str]]:
+    """(question, cited candidate replies) of a QA record, its passages retrieved and cut as the
+    service does (pipeline.prompt.build_messages)."""
+    from pipeline.candidates import candidates
+    from pipeline.prompt import build_messages, retrieval_query
+
+    passages = retriever.search(retrieval_query(record.question, record.history))
+    return candidates(build_messages(record.question, passages, record.history))
+
+
 def labelled_pairs(records, retriever) -> list[tuple[str, str, float]]:
     """(question, shown sentence, 1.0 if it holds every fact) for each record, its passages
     retrieved and cut as the service does (pipeline.prompt.build_messages)."""
-    from pipeline.candidates import candidates, right
-    from pipeline.prompt import build_messages, retrieval_query, strip_citations
+    from pipeline.candidates import right
+    from pipeline.prompt import strip_citations
 
     pairs = []
     for record in records:
-        passages = retriever.search(retrieval_query(record.question, record.history))
-        question, replies = candidates(build_messages(record.question, passages, record.history))
+        question, replies = served_candidates(record, retriever)
         facts = record.facts if record.answerable else None
         pairs += [(question, strip_citations(r), float(facts is not None and right(r, facts))) for r in replies]
     return pairs

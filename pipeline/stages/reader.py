@@ -37,14 +37,14 @@ def dev_report(reader, records, retriever) -> dict:
     """Best-sentence accuracy (reader and word overlap) and silence AUC on ``records``."""
     from sklearn.metrics import roc_auc_score
 
-    from pipeline.candidates import candidates, right, word_overlap
-    from pipeline.prompt import build_messages, retrieval_query, strip_citations
+    from pipeline.candidates import right, word_overlap
+    from pipeline.prompt import strip_citations
+    from pipeline.reader import served_candidates
 
     reader_right = overlap_right = answerable = 0
     best, silent = [], []
     for record in records:
-        passages = retriever.search(retrieval_query(record.question, record.history))
-        question, replies = candidates(build_messages(record.question, passages, record.history))
+        question, replies = served_candidates(record, retriever)
         sentences = [strip_citations(r) for r in replies]
         scores = reader.scores(question, sentences)
         best.append(float(scores.max()) if len(scores) else -20.0)
