@@ -120,9 +120,9 @@ class Batcher:
     def _work(self) -> None:
         import torch
 
-        from pipeline.generation import DecodeBatch, PromptPrefix, system_prefix_ids
+        from pipeline.generation import DecodeBatch, PromptPrefix
 
-        self.prefix = PromptPrefix(self.model, system_prefix_ids(self.tokenizer))
+        self.prefix = PromptPrefix.system_turn(self.model, self.tokenizer)
         self.batch = batch = DecodeBatch(self.model, self.tokenizer, self.prefix)
         with torch.inference_mode():
             while (joining := self._admit(self.max_batch - len(batch.rows), bool(batch.rows))) is not None:

@@ -99,13 +99,12 @@ def _keep(answers: list[str], i: int, text: str | None, bar) -> None:
         answers[i] = text
 
 
-def system_prefix_ids(tokenizer, system_prompt: str | None = None) -> list[int]:
+def system_prefix_ids(tokenizer) -> list[int]:
     """The tokens of the chat template's system turn, as every prompt of
     ``pipeline.prompt.build_messages`` begins."""
     from pipeline.prompt import SYSTEM_PROMPT
 
-    text = tokenizer.apply_chat_template([{"role": "system", "content": system_prompt or SYSTEM_PROMPT}],
-                                         tokenize=False)
+    text = tokenizer.apply_chat_template([{"role": "system", "content": SYSTEM_PROMPT}], tokenize=False)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
@@ -118,6 +117,11 @@ class PromptPrefix:
     def __init__(self, model, ids: list[int]):
         self.model, self.ids = model, list(ids)
         self._cache = None
+
+    @classmethod
+    def system_turn(cls, model, tokenizer) -> "PromptPrefix":
+        """The prefix of every prompt ``pipeline.prompt.build_messages`` makes."""
+        return cls(model, system_prefix_ids(tokenizer))
 
     def covers(self, prompt_ids: list[int]) -> bool:
         """True when the prompt starts with the prefix and has tokens after it."""

@@ -157,13 +157,13 @@ def test_the_fused_refusal_decision_matches_refusal_scores(tiny):
 def test_the_system_turns_cache_gives_the_same_replies_and_is_read_once(tiny):
     """A row that starts with the cached system turn reads only its own tokens, and decodes
     exactly what reading the whole prompt decodes."""
-    from pipeline.generation import PromptPrefix, system_prefix_ids
+    from pipeline.generation import PromptPrefix
     from pipeline.prompt import SYSTEM_PROMPT
 
     tokenizer = tiny[1]
     model = build_tiny_llama(len(tokenizer), initializer_range=0.5)  # replies that depend on the prompt
     conversations = [[{"role": "system", "content": SYSTEM_PROMPT}, *conversation(q)] for q in QUESTIONS]
-    prefix = PromptPrefix(model, system_prefix_ids(tokenizer))
+    prefix = PromptPrefix.system_turn(model, tokenizer)
     read = []
     handle = model.register_forward_pre_hook(lambda _, args, kwargs: read.append(kwargs["input_ids"].shape[1]),
                                              with_kwargs=True)

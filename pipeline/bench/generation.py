@@ -45,18 +45,14 @@ def _timed_reply(model, tokenizer, messages, new_tokens: int, prefix=None) -> tu
     return first, time.perf_counter() - started
 
 
-def system_prefix(model, tokenizer):
-    from pipeline.generation import PromptPrefix, system_prefix_ids
-
-    return PromptPrefix(model, system_prefix_ids(tokenizer))
-
-
 def time_generation(model, tokenizer, messages, new_tokens: int = 64, repeats: int = 3) -> dict:
     """Time to first token reading the whole prompt, and with the system turn's cache (as
     served); decode tokens/s from the served runs."""
     import torch
 
-    prefix = system_prefix(model, tokenizer)
+    from pipeline.generation import PromptPrefix
+
+    prefix = PromptPrefix.system_turn(model, tokenizer)
     with torch.inference_mode():
         _timed_reply(model, tokenizer, messages, 4, prefix)  # warm-up; computes the system turn's cache
         whole = [_timed_reply(model, tokenizer, messages, 4)[0] for _ in range(repeats)]
@@ -116,12 +112,13 @@ def answer_latency(retriever, paths: dict, tokenizer, selector, questions: list[
     import torch
 
     from pipeline.bench.retrieval import _percentiles as percentiles
+    from pipeline.generation import PromptPrefix
     from pipeline.prompt import build_messages
 
     report = {"questions": len(questions), "free": {}}
     with torch.inference_mode():
         for name, model in paths.items():
-            prefix, totals, firsts, whole = system_prefix(model, tokenizer), [], [], []
+            prefix, totals, firsts, whole = PromptPrefix.system_turn(model, tokenizer), [], [], []
             _timed_reply(model, tokenizer, build_messages(questions[0], retriever.search(questions[0])), 2, prefix)
             for question in questions:
                 started = time.perf_counter()
