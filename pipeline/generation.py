@@ -54,28 +54,23 @@ def refusal_scores(model, tokenizer, conversations: list[list[dict]], batch_size
 
 
 def generate_batch(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 96,
-                   batch_size: int = 8, desc: str | None = "generating", refusal_threshold: float | None = None,
-                   scores: list[float] | None = None) -> list[str]:
+                   batch_size: int = 8, desc: str | None = "generating",
+                   refusal_threshold: float | None = None) -> list[str]:
     """Greedy answers to each conversation, ``batch_size`` rows decoding together in one
     ``DecodeBatch`` (a finished row's place goes to the next conversation at once).
 
-    With ``refusal_threshold``, conversations whose refusal score (``scores``, computed here
-    when not given) is above it get the refusal; the rest are answered with it banned."""
+    With ``refusal_threshold``, each row decides as it reads its prompt (``DecodeBatch.join``,
+    the score ``refusal_scores`` gives): above it the answer is the refusal, below it the row
+    answers with the refusal's words banned."""
     import torch
 
-    decide = refusal_threshold is not None
-    if decide and scores is None:
-        scores = refusal_scores(model, tokenizer, conversations, batch_size)
-    answers: list[str] = [REFUSAL if decide and s > refusal_threshold else ""
-                          for s in (scores or [None] * len(conversations))]
-    waiting = [i for i, a in enumerate(answers) if not a]
-    # Decided already: a threshold no score exceeds answers every row, with the refusal banned.
-    answer_anyway = float("inf") if decide else None
-    with torch.inference_mode(), tqdm(total=len(conversations), initial=len(conversations) - len(waiting),
-                                      desc=desc, unit="answer", disable=desc is None) as bar:
-        rows = (Row(tokenizer(prompt_text(tokenizer, conversations[i]), add_special_tokens=False)["input_ids"],
-                    lambda text, i=i: _keep(answers, i, text, bar), max_new_tokens, refusal_threshold=answer_anyway)
-                for i in waiting)
+    answers = [""] * len(conversations)
+    with torch.inference_mode(), tqdm(total=len(conversations), desc=desc, unit="answer",
+                                      disable=desc is None) as bar:
+        rows = (Row(tokenizer(prompt_text(tokenizer, conversation), add_special_tokens=False)["input_ids"],
+                    lambda text, i=i: _keep(answers, i, text, bar), max_new_tokens,
+                    refusal_threshold=refusal_threshold)
+                for i, conversation in enumerate(conversations))
         decode_all(model, tokenizer, rows, batch_size)
     return [a.strip() for a in answers]
 

@@ -65,6 +65,21 @@ def test_generate_batch_refills_its_batch_and_answers_as_generate_does():
     assert len(set(answers)) > 1, "the check needs answers that differ"
 
 
+def test_generate_batch_refuses_exactly_the_rows_scored_above_the_threshold():
+    from pipeline.generation import refusal_scores
+    from pipeline.prompt import REFUSAL
+
+    tokenizer = build_tokenizer()
+    sharp = build_tiny_llama(len(tokenizer), initializer_range=0.5)
+    conversations = [conversation(q) for q in QUESTIONS + ["Why warm up the learning rate?"]]
+    scores = refusal_scores(sharp, tokenizer, conversations, desc=None)
+    threshold = sorted(scores)[1] + 1e-3  # between the second and third score: two refuse
+    answers = generate_batch(sharp, tokenizer, conversations, max_new_tokens=6, batch_size=2, desc=None,
+                             refusal_threshold=threshold)
+    assert [a == REFUSAL for a in answers] == [s > threshold for s in scores]
+    assert sum(a == REFUSAL for a in answers) == 2
+
+
 def test_stream_batch_refuses_rows_above_the_threshold_without_generating(tiny):
     from pipeline.prompt import REFUSAL
 
