@@ -35,6 +35,12 @@ class ReaderSettings:
     seed: int = 0
 
 
+def reader_input(heading: str, sentence: str) -> str:
+    """What the reader reads of a candidate: the sentence after its passage's heading, so "It
+    picks merges that ..." is read as being about WordPiece."""
+    return f"{heading}: {sentence}" if heading else sentence
+
+
 class Reader:
     """A trained reader, loaded from its stage folder."""
 
@@ -48,38 +54,47 @@ class Reader:
             raise MissingArtifact(f"no reader at {path}; build it: python -m pipeline run --only reader")
         self.model = CrossEncoder(str(path), device="cpu")
 
-    def scores(self, question: str, sentences: list[str]) -> np.ndarray:
-        """One logit per sentence: high when it answers the question."""
+    def scores(self, question: str, sentences: list[str], headings: list[str] | None = None) -> np.ndarray:
+        """One logit per sentence (read after its passage's heading, when given): high when it
+        answers the question."""
         import torch
 
         if not sentences:
             return np.zeros(0)
-        return np.asarray(self.model.predict([(question, s) for s in sentences], batch_size=64,
+        headings = headings or [""] * len(sentences)
+        pairs = [(question, reader_input(h, s)) for h, s in zip(headings, sentences)]
+        return np.asarray(self.model.predict(pairs, batch_size=64,
                                              activation_fn=torch.nn.Identity(), show_progress_bar=False),
                           dtype=np.float64)
 
 
-def served_candidates(record, retriever) -> tuple[str, list[str]]:
-    """(question, cited candidate replies) of a QA record, its passages retrieved and cut as the
-    service does (pipeline.prompt.build_messages)."""
-    from pipeline.candidates import candidates
+def served_messages(record, retriever) -> list[dict]:
+    """The prompt the service builds for a QA record: its passages retrieved and cut as served."""
     from pipeline.prompt import build_messages, retrieval_query
 
     passages = retriever.search(retrieval_query(record.question, record.history))
-    return candidates(build_messages(record.question, passages, record.history))
+    return build_messages(record.question, passages, record.history)
+
+
+def served_candidates(record, retriever):
+    """The candidates (pipeline.candidates.Shown) of a QA record's served prompt."""
+    from pipeline.candidates import candidates
+
+    return candidates(served_messages(record, retriever))
 
 
 def labelled_pairs(records, retriever) -> list[tuple[str, str, float]]:
-    """(question, shown sentence, 1.0 if it holds every fact) for each record, its passages
-    retrieved and cut as the service does (pipeline.prompt.build_messages)."""
+    """(question, shown sentence after its heading, 1.0 if it holds every fact) for each
+    record, its passages retrieved and cut as the service does (pipeline.prompt.build_messages)."""
     from pipeline.candidates import right
     from pipeline.prompt import strip_citations
 
     pairs = []
     for record in records:
-        question, replies = served_candidates(record, retriever)
+        shown = served_candidates(record, retriever)
         facts = record.facts if record.answerable else None
-        pairs += [(question, strip_citations(r), float(facts is not None and right(r, facts))) for r in replies]
+        pairs += [(shown.question, reader_input(h, strip_citations(r)), float(facts is not None and right(r, facts)))
+                  for r, h in zip(shown.replies, shown.headings)]
     return pairs
 
 

@@ -21,10 +21,11 @@ PASSAGES = [P("Adam", "Adam uses beta1 = 0.9 and beta2 = 0.999. It was proposed 
 
 
 def test_candidates_are_the_shown_sentences_cited_to_their_passage():
-    question, replies = candidates(build_messages("What value of p did the dropout paper use?", PASSAGES))
+    question, replies, headings = candidates(build_messages("What value of p did the dropout paper use?", PASSAGES))
     assert question == "What value of p did the dropout paper use?"
     assert replies == ["Adam uses beta1 = 0.9 and beta2 = 0.999 [1].", "It was proposed in 2014 [1].",
                        "Dropout zeroes units with probability p [2].", "The paper used p = 0.5 [2]."]
+    assert headings == ["Adam", "Adam", "Dropout", "Dropout"]
     assert candidates(build_messages("hello", []))[1] == []
 
 
@@ -83,7 +84,7 @@ def test_the_dev_split_decides_whether_the_variant_is_read():
 def test_selector_refuses_above_threshold_and_without_candidates():
     names = FEATURES[:4]
     linear = Linear([0, 0, 0, 0], [1, 1, 1, 1], [0, 1, 0, 0], 0.0)
-    silence = Linear([0, 0, 0], [1, 1, 1], [-1, -1, -1], 0.0)
+    silence = Linear([0], [1], [-1], 0.0)  # reads the best reader score
     selector = Selector(names, linear, silence, threshold=0.0)
     strong = Candidates("q", ["a [1].", "b [2]."], np.array([[1, 0.2, 1, 1, 0], [1, 0.9, 1, 2, 0]], float))
     weak = Candidates("q", ["a [1].", "b [2]."], np.array([[-1, 0.2, -1, 1, 0], [-1, 0.1, -1, 2, 0]], float))
@@ -106,7 +107,11 @@ class OverlapEmbedder:
 class LengthReader:
     """A reader stand-in: scores a sentence by its length, so each column can be checked."""
 
-    def scores(self, question, sentences):
+    def __init__(self):
+        self.headings = []
+
+    def scores(self, question, sentences, headings):
+        self.headings.append(headings)
         return np.array([float(len(s)) for s in sentences])
 
 
@@ -116,7 +121,9 @@ def test_featurize_scores_every_candidate_with_the_reader_and_the_model():
     tokenizer = build_tokenizer()
     model = build_tiny_llama(len(tokenizer))
     messages = build_messages("Which value did the paper use for p?", PASSAGES)
-    c = copying.featurize(model, tokenizer, OverlapEmbedder(), LengthReader(), messages)
+    reader = LengthReader()
+    c = copying.featurize(model, tokenizer, OverlapEmbedder(), reader, messages)
+    assert reader.headings == [["Adam", "Adam", "Dropout", "Dropout"]], "the reader reads each passage's heading"
     assert c.features.shape == (4, len(FEATURES))
     column = {name: c.features[:, i] for i, name in enumerate(FEATURES)}
     assert list(column["reader_score"]) == [len(strip_citations(r)) for r in c.replies]
@@ -132,7 +139,7 @@ def test_featurize_scores_every_candidate_with_the_reader_and_the_model():
     assert not without.features[:, FEATURES.index("question_likelihood")].any()
     np.testing.assert_allclose(without.features[:, :4], c.features[:, :4])
     overlap_only = Selector(FEATURES[:4], Linear([0] * 4, [1] * 4, [0, 1, 0, 0], 0),
-                            Linear([0] * 3, [1] * 3, [0, 0, 0], -1), 0.0)
+                            Linear([0], [1], [0], -1), 0.0)
     with torch.no_grad():
         assert copying.copy_answers(model, tokenizer, OverlapEmbedder(), LengthReader(), overlap_only,
                                     [messages]) == ["The paper used p = 0.5 [2]."]
@@ -141,10 +148,35 @@ def test_featurize_scores_every_candidate_with_the_reader_and_the_model():
 def test_a_copying_file_naming_unknown_features_is_refused_with_the_fix():
     from pipeline.errors import UserError
 
-    raw = Selector(("word_overlap",), Linear([0], [1], [1], 0), Linear([0] * 3, [1] * 3, [0] * 3, 0), 0.0).to_dict()
+    raw = Selector(("word_overlap",), Linear([0], [1], [1], 0), Linear([0], [1], [0], 0), 0.0).to_dict()
     raw["features"] = ["word_overlap", "sentence_colour"]
     with pytest.raises(UserError, match="sentence_colour.*calibrate"):
         Selector.from_dict(raw)
+
+
+def test_the_threshold_keeps_dev_false_refusals_within_the_bound():
+    """Where the most right decisions would refuse answerable questions past the bound, the
+    threshold gives up right decisions to stay within it."""
+    rng = np.random.default_rng(5)
+    cands, facts = [], []
+    for i in range(60):
+        silent = i < 40
+        # silent questions outnumber answerable ones and overlap with the weakest of them
+        best = rng.normal(-1.0 if silent else 1.0, 1.0)
+        feats = np.zeros((2, len(FEATURES)))
+        feats[:, 0] = [best, best - 1.0]
+        cands.append(Candidates(f"q{i}", [f"right {i} [1].", f"wrong {i} [1]."], feats))
+        facts.append(None if silent else [[f"right {i}"]])
+    curve = fit(cands, facts)[1]["curve"]
+    most = max(p["right"] for p in curve)
+    assert min(p["false_refusal"] for p in curve if p["right"] == most) > copying.MAX_FALSE_REFUSAL, \
+        "the case must need the bound"
+    selector, report = fit(cands, facts)
+    assert report["chosen"]["false_refusal"] <= copying.MAX_FALSE_REFUSAL
+    assert report["chosen"]["right"] == max(p["right"] for p in curve
+                                            if p["false_refusal"] <= copying.MAX_FALSE_REFUSAL)
+    refused = sum(selector.reply(c) == REFUSAL for c, f in zip(cands, facts) if f is not None)
+    assert refused / 20 <= copying.MAX_FALSE_REFUSAL
 
 
 def test_fit_on_a_dev_split_with_one_class_still_decides():

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.reader import Reader, ReaderSettings, labelled_pairs, train
+from pipeline.reader import Reader, ReaderSettings, labelled_pairs, reader_input, train
 
 WORDS = ["what", "is", "the", "rate", "it", "was", "set", "to", "0.1", "paper", "used", "a", "large", "model",
          "answer", "about", "we", "tried", "many"]
@@ -16,7 +16,7 @@ def tiny_bert(tmp_path_factory):
     from transformers import BertConfig, BertModel, BertTokenizer
 
     folder = tmp_path_factory.mktemp("tiny-bert")
-    vocabulary = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "?"] + WORDS
+    vocabulary = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "?", ":"] + WORDS
     tokenizer = BertTokenizer(vocab={word: i for i, word in enumerate(vocabulary)})
     assert tokenizer.unk_token_id not in tokenizer("what is the rate?")["input_ids"]
     torch.manual_seed(0)
@@ -36,6 +36,17 @@ def test_the_reader_learns_to_rank_the_answering_sentence_first(tiny_bert, tmp_p
     scores = Reader(tmp_path).scores(question, others[:1] + [answer] + others[1:])
     assert scores.argmax() == 1 and scores[1] > max(scores[0], scores[2]) + 1.0, scores
     assert len(Reader(tmp_path).scores(question, [])) == 0
+
+
+def test_the_reader_reads_the_passage_heading(tiny_bert, tmp_path):
+    """The same sentence answers under one heading and not under another."""
+    question, sentence = "what is the rate?", "it was set to 0.1."
+    pairs = [(question, reader_input("rate", sentence), 1.0)] * 8 + [(question, reader_input("model", sentence), 0.0)] * 8
+    # one differing token among equal sentences: a gentler rate, more epochs than above
+    train(pairs, tiny_bert, tmp_path, ReaderSettings(epochs=30, batch_size=8, learning_rate=3e-3, warmup=0.0,
+                                                     max_length=32))
+    under_rate, under_model = Reader(tmp_path).scores(question, [sentence, sentence], ["rate", "model"])
+    assert under_rate > under_model + 1.0, (under_rate, under_model)
 
 
 def test_training_without_both_kinds_of_sentence_is_refused(tiny_bert, tmp_path):
@@ -74,8 +85,9 @@ def test_pairs_label_the_sentence_holding_every_fact_and_nothing_for_a_silent_qu
     passages = [P("Rates", "The rate was set to 0.1. The paper used a large model.")]
     pairs = labelled_pairs([Record("What rate was set?", [["0.1"]]), Record("Who wrote it?", [])],
                            FixedRetriever(passages))
-    # the sentence as copy decoding shows it to the reader: cited, then the citation taken off
-    assert pairs == [("What rate was set?", "The rate was set to 0.1 .", 1.0),
-                     ("What rate was set?", "The paper used a large model .", 0.0),
-                     ("Who wrote it?", "The rate was set to 0.1 .", 0.0),
-                     ("Who wrote it?", "The paper used a large model .", 0.0)]
+    # the sentence as copy decoding shows it to the reader: after its passage's heading, cited,
+    # then the citation taken off
+    assert pairs == [("What rate was set?", "Rates: The rate was set to 0.1 .", 1.0),
+                     ("What rate was set?", "Rates: The paper used a large model .", 0.0),
+                     ("Who wrote it?", "Rates: The rate was set to 0.1 .", 0.0),
+                     ("Who wrote it?", "Rates: The paper used a large model .", 0.0)]

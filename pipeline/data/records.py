@@ -94,6 +94,12 @@ def in_dev_split(record_id: str, share: float) -> bool:
     return int(hashlib.sha1(record_id.encode()).hexdigest(), 16) % 1000 < share * 1000
 
 
+def split_dev(records: list["QARecord"], share: float) -> tuple[list["QARecord"], list["QARecord"]]:
+    """(dev split, the rest) of the train records, by ``in_dev_split``."""
+    dev = [r for r in records if in_dev_split(r.id, share)]
+    return dev, [r for r in records if not in_dev_split(r.id, share)]
+
+
 def load_split(qa_dir: Path, split: str) -> list[QARecord]:
     """All records of a split; raises ``DataError`` listing every bad line."""
     path = Path(qa_dir) / f"{split}.jsonl"

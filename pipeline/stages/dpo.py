@@ -80,7 +80,7 @@ def run(config: Config, ctx) -> dict:
         ctx.log.warning("prefs_val.jsonl is empty: no held-out DPO metrics")
     trainer.model.save_pretrained(ctx.out_dir / "adapter")
     decision = calibrate(trainer.model, tokenizer, read_rows(data / "sft_val.jsonl"), ctx.out_dir)
-    decision.update(calibrate_variant(trainer.model, tokenizer, ctx.artifacts, ctx.config.paths.resolve("qa"), ctx.out_dir))
+    decision.update(calibrate_variant(trainer.model, tokenizer, ctx.config, ctx.artifacts, ctx.out_dir))
     shutil.rmtree(ctx.out_dir / "checkpoints", ignore_errors=True)
     history = trainer.state.log_history
     write_history(history, ctx.out_dir / "history.jsonl")

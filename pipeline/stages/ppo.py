@@ -98,7 +98,7 @@ def run(config: Config, ctx) -> dict:
     shutil.copy(ctx.out_dir / "curves.png", ctx.reports_dir / "ppo_curves.png")
 
     decision = calibrate(policy, tokenizer, read_rows(data / "sft_val.jsonl"), ctx.out_dir)
-    decision.update(calibrate_variant(policy, tokenizer, ctx.artifacts, ctx.config.paths.resolve("qa"), ctx.out_dir))
+    decision.update(calibrate_variant(policy, tokenizer, ctx.config, ctx.artifacts, ctx.out_dir))
     # Judged by token F1 against the dev targets, not by the reward model PPO optimised.
     dev = read_rows(data / "sft_val.jsonl")[: config.held_out_prompts]
     held_out = [row["prompt"] for row in dev]

@@ -44,9 +44,9 @@ def dev_report(reader, records, retriever) -> dict:
     reader_right = overlap_right = answerable = 0
     best, silent = [], []
     for record in records:
-        question, replies = served_candidates(record, retriever)
+        question, replies, headings = served_candidates(record, retriever)
         sentences = [strip_citations(r) for r in replies]
-        scores = reader.scores(question, sentences)
+        scores = reader.scores(question, sentences, headings)
         best.append(float(scores.max()) if len(scores) else -20.0)
         silent.append(not record.answerable)
         if record.answerable and replies:
@@ -61,15 +61,13 @@ def dev_report(reader, records, retriever) -> dict:
 
 
 def run(config: Config, ctx) -> dict:
-    from pipeline.data.records import in_dev_split, load_split
+    from pipeline.data.records import load_split, split_dev
     from pipeline.models import resolve_embedder
     from pipeline.reader import Reader, labelled_pairs, train
     from pipeline.retrieval.retriever import Retriever
 
     cfg = ctx.config
-    records = load_split(cfg.paths.resolve("qa"), "train")
-    dev = [r for r in records if in_dev_split(r.id, cfg.dataset.validation_share)]
-    used = [r for r in records if not in_dev_split(r.id, cfg.dataset.validation_share)]
+    dev, used = split_dev(load_split(cfg.paths.resolve("qa"), "train"), cfg.dataset.validation_share)
     if config.max_questions:
         used = random.Random(cfg.seed).sample(used, min(config.max_questions, len(used)))
     retriever = Retriever(ctx.parent("index"), cfg.retrieval)

@@ -68,7 +68,7 @@ def run(config: Config, ctx) -> dict:
     after = trainer.evaluate()["eval_loss"]
     trainer.model.save_pretrained(ctx.out_dir / "adapter")
     decision = calibrate(trainer.model, tokenizer, read_rows(data / "sft_val.jsonl"), ctx.out_dir)
-    decision.update(calibrate_variant(trainer.model, tokenizer, ctx.artifacts, ctx.config.paths.resolve("qa"), ctx.out_dir))
+    decision.update(calibrate_variant(trainer.model, tokenizer, ctx.config, ctx.artifacts, ctx.out_dir))
     tokenizer.save_pretrained(ctx.out_dir / "adapter")
     shutil.rmtree(ctx.out_dir / "checkpoints", ignore_errors=True)
     history = trainer.state.log_history
