@@ -158,14 +158,19 @@ class Selector:
     def silence_score(self, c: Candidates) -> float:
         return float(self.silence(c.best(self.question_features))[0])
 
+    def ranked(self, c: Candidates) -> list[int]:
+        """Candidate indices, the sentence score's best first (ties in prompt order)."""
+        return np.argsort(-self.sentence(c.columns(self.features)), kind="stable").tolist() if c.replies else []
+
     def pick(self, c: Candidates) -> str:
         """The candidate the sentence score ranks first (the refusal when there is none)."""
-        return c.replies[int(np.argmax(self.sentence(c.columns(self.features))))] if c.replies else REFUSAL
+        return c.replies[self.ranked(c)[0]] if c.replies else REFUSAL
+
+    def refuses(self, c: Candidates) -> bool:
+        return not c.replies or self.silence_score(c) > self.threshold
 
     def reply(self, c: Candidates) -> str:
-        if not c.replies or self.silence_score(c) > self.threshold:
-            return REFUSAL
-        return self.pick(c)
+        return REFUSAL if self.refuses(c) else self.pick(c)
 
     def answer(self, model, tokenizer, embedder, reader, messages: list[dict]) -> str:
         """Copy-decode one prompt: featurise it (the variant only if read; ``reader`` may be

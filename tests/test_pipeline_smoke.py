@@ -36,13 +36,14 @@ def test_tiny_profile_end_to_end(tmp_path):
     report = json.loads((tmp_path / "reports/eval.json").read_text())
     runs = {(r["variant"], r["layout"], r["retrieval"]) for r in report["runs"]}
     # trained variants are scored as served: copy decoding with the selector fitted on dev
+    # and best-of-n: the reward model choosing among sft's copy candidates
     assert runs == {("base", "template", True), ("sft", "copy", True), ("dpo", "copy", True),
-                    ("ppo", "copy", True), ("extractive", "sentence", True)}
+                    ("ppo", "copy", True), ("extractive", "sentence", True), ("sft", "best-of-2", True)}
     assert all(r["key_fact_accuracy"] is not None for r in report["runs"])
     assert report["questions"] == cfg.eval.max_questions and report["fast_path_costs"] == []
     compared = {(c["variant"], c["against"]) for c in report["comparisons"]}
     assert {("sft copy", "base"), ("dpo copy", "sft copy"), ("ppo copy", "sft copy"),
-            ("dpo copy", "extractive")} <= compared
+            ("dpo copy", "extractive"), ("sft best-of-2", "sft copy")} <= compared
     retrieval = json.loads((tmp_path / "reports/retrieval.json").read_text())
     assert set(retrieval["modes"]) == {"dense", "bm25", "hybrid"}
     for name in ("eval.md", "eval.png", "sft_loss.png", "reward_margins.png", "dpo_curves.png", "ppo_curves.png"):

@@ -45,6 +45,10 @@ class EvalSettings:
     # pipeline/ort_genai.py); `make bench` measures their speed.
     numeric_paths: list[str] = field(default_factory=list)
     numeric_path_variants: list[str] = field(default_factory=lambda: ["sft", "dpo", "ppo"])
+    # Opt-in: best-of-n (pipeline/best_of_n.py), the reward model choosing among copy
+    # decoding's n best sentences, e.g. eval.best_of_n=[4,8]; n = 1 is the copy row itself.
+    best_of_n: list[int] = field(default_factory=list)
+    best_of_n_variants: list[str] = field(default_factory=lambda: ["sft"])
     extractive_baseline: bool = True  # also score "copy the best-matching sentence of passage 1"
     seed: int = 0  # bootstrap resampling seed
 
@@ -136,6 +140,10 @@ def evaluate(artifacts, records, retriever, settings: EvalSettings, perplexity_t
                 run.extra["perplexity"] = perplexity
             log.info("%s: %s", run.name, aggregate(run.rows))
             runs.append(run)
+        if selector and variant in settings.best_of_n_variants and settings.best_of_n:
+            runs += best_of_n_runs(artifacts, variant, model, tokenizer, retriever.embedder, reader, selector,
+                                   [build_messages(r.question, p, r.history) for r, p in zip(records, passages)],
+                                   records, passages, settings.best_of_n)
         del model
     return runs
 
@@ -169,6 +177,29 @@ def copy_and_score(run: Run, model, tokenizer, embedder, reader, selector, promp
     run.answers = copy_answers(model, tokenizer, embedder, reader, selector, prompts, desc=run.name)
     run.seconds_per_answer = (time.time() - started) / max(1, len(records))
     score_rows(run, records, passages)
+
+
+def best_of_n_runs(artifacts, variant, model, tokenizer, embedder, reader, selector, prompts, records, passages,
+                   ns: list[int]) -> list[Run]:
+    """One row per n > 1: the reward model's choice among the selector's n best sentences."""
+    from pipeline.best_of_n import best_of_n_answers
+    from pipeline.training import load_reward_model
+
+    if artifacts.meta("reward") is None:
+        log.warning("best-of-n skipped: the reward stage is not built")
+        return []
+    scorer, score_tokenizer = load_reward_model(artifacts)
+    started = time.time()
+    answers = best_of_n_answers(model, tokenizer, embedder, reader, selector, scorer, score_tokenizer, prompts,
+                                sorted(set(ns)), desc=f"{variant} best-of-n")
+    runs = []
+    for n in sorted(n for n in set(ns) if n > 1):
+        run = Run(variant, f"best-of-{n}", True, answers=answers[n])
+        run.seconds_per_answer = (time.time() - started) / max(1, len(records))  # all n together
+        score_rows(run, records, passages)
+        log.info("%s: %s", run.name, aggregate(run.rows))
+        runs.append(run)
+    return runs
 
 
 def score_rows(run: Run, records, passages) -> None:

@@ -17,9 +17,12 @@ PREVIOUS_STAGE = {"sft": "base", "dpo": "sft", "ppo": "sft"}
 
 
 def previous_rows(key: str, main: dict) -> list[str]:
-    """Rows a main row is compared with besides base and extractive: for a copy row, the same
-    variant decoding freely; then the previous stage's served row (its copy row if scored)."""
+    """Rows a main row is compared with besides base and extractive: for a best-of-n row, the
+    same variant's copy row (best-of-1); for a copy row, the same variant decoding freely; then
+    the previous stage's served row (its copy row if scored)."""
     variant, _, layout = key.partition(" ")
+    if layout.startswith("best-of-"):
+        return [f"{variant} copy"] if f"{variant} copy" in main else []
     rows = [variant] if layout == "copy" and variant in main else []
     stage = PREVIOUS_STAGE.get(variant)
     if stage:
@@ -33,7 +36,7 @@ def row_key(run) -> str | None:
         return None
     if run.layout in ("template", "sentence"):
         return run.variant
-    return f"{run.variant} copy" if run.layout == "copy" else None
+    return f"{run.variant} {run.layout}" if run.layout == "copy" or run.layout.startswith("best-of-") else None
 
 
 def summarise(run) -> dict:
