@@ -34,15 +34,12 @@ def best_of(scored: list[tuple[int, float]], replies: list[str], n: int) -> str:
     return replies[head[int(np.argmax([reward for _, reward in head]))][0]]
 
 
-def best_of_n_answers(model, tokenizer, embedder, reader, selector, scorer, score_tokenizer,
-                      prompts: list[list[dict]], ns: list[int], desc: str | None = "best-of-n") -> dict[int, list[str]]:
+def best_of_n_answers(selector, scorer, score_tokenizer, prompts: list[list[dict]], cands: list,
+                      ns: list[int], desc: str | None = "best-of-n") -> dict[int, list[str]]:
     """The replies for every n in ``ns``, one reward pass per prompt over its max(ns) best
-    candidates. ``model`` is the variant the selector was fitted for (read only if it reads it)."""
+    candidates; ``cands`` are the prompts' featurised candidates (what copy decoding chose from)."""
     from tqdm.auto import tqdm
 
-    from pipeline.copying import featurize_all
-
-    cands = featurize_all(model, tokenizer, embedder, reader, prompts, selector.reads_model, desc=desc)
     scored = [reward_ranked(selector, scorer, score_tokenizer, p, c, max(ns))
               for p, c in tqdm(list(zip(prompts, cands)), desc=f"{desc}: rewards", unit="prompt", disable=desc is None)]
     return {n: [best_of(s, c.replies, n) for s, c in zip(scored, cands)] for n in ns}

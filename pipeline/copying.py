@@ -256,32 +256,29 @@ def calibrate(model, tokenizer, embedder, reader, prompts: list[list[dict]],
             "copy_reads_model": selector.reads_model}
 
 
-def served_dev(cfg, retriever, ids: set[str] | None = None) -> tuple[list[list[dict]], list[list[list[str]] | None]]:
-    """The dev split's questions (those in ``ids`` when given) prompted as the service prompts
-    them (passages retrieved through ``retriever``), and their facts (None where the
-    documents are silent)."""
-    from pipeline.data.records import load_split, split_dev
+def served_dev(cfg, retriever) -> tuple[list[list[dict]], list[list[list[str]] | None]]:
+    """The dev split of the train records the dataset stage drew (all of them unless
+    ``dataset.max_records`` samples a few), prompted as the service prompts them (passages
+    retrieved through ``retriever``), and their facts (None where the documents are silent)."""
+    import random
+
+    from pipeline.data.records import load_split, sample_records, split_dev
     from pipeline.reader import served_messages
 
-    dev, _ = split_dev(load_split(cfg.paths.resolve("qa"), "train"), cfg.dataset.validation_share)
-    dev = [r for r in dev if ids is None or r.id in ids]
+    drawn = sample_records(load_split(cfg.paths.resolve("qa"), "train"), cfg.dataset.max_records,
+                           random.Random(cfg.seed))
+    dev, _ = split_dev(drawn, cfg.dataset.validation_share)
     return [served_messages(r, retriever) for r in dev], [r.facts if r.answerable else None for r in dev]
 
 
 def calibrate_variant(model, tokenizer, cfg, artifacts, out_dir: Path) -> dict:
     """``calibrate`` for a trained variant on the served dev split, with the index's embedder
-    and the reader (what the service will use). The whole dev split, or, where the dataset
-    stage sampled its records (``dataset.max_records``: the tiny profile), the dev questions
-    it held back."""
+    and the reader (what the service will use)."""
     from pipeline.reader import Reader
     from pipeline.retrieval.retriever import Retriever
-    from pipeline.training import read_rows
 
-    held_back = None
-    if cfg.dataset.max_records:
-        held_back = {row["id"].removesuffix("-drill") for row in read_rows(artifacts.require("dataset") / "sft_val.jsonl")}
     retriever = Retriever(artifacts.require("index"), cfg.retrieval)
-    prompts, facts = served_dev(cfg, retriever, held_back)
+    prompts, facts = served_dev(cfg, retriever)
     return calibrate(model, tokenizer, retriever.embedder, Reader(artifacts.require("reader")), prompts, facts,
                      out_dir)
 
@@ -301,8 +298,3 @@ def load_selector(variant_dir: Path) -> Selector | None:
     path = Path(variant_dir) / SETTINGS_FILE
     return Selector.from_dict(json.loads(path.read_text())["selector"]) if path.exists() else None
 
-
-def copy_answers(model, tokenizer, embedder, reader, selector: Selector, prompts: list[list[dict]],
-                 desc: str | None = "copy decoding") -> list[str]:
-    return [selector.reply(c) for c in featurize_all(model, tokenizer, embedder, reader, prompts,
-                                                     selector.reads_model, desc)]

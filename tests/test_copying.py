@@ -141,8 +141,8 @@ def test_featurize_scores_every_candidate_with_the_reader_and_the_model():
     overlap_only = Selector(FEATURES[:4], Linear([0] * 4, [1] * 4, [0, 1, 0, 0], 0),
                             Linear([0], [1], [0], -1), 0.0)
     with torch.no_grad():
-        assert copying.copy_answers(model, tokenizer, OverlapEmbedder(), LengthReader(), overlap_only,
-                                    [messages]) == ["The paper used p = 0.5 [2]."]
+        cands = copying.featurize_all(model, tokenizer, OverlapEmbedder(), LengthReader(), [messages])
+    assert [overlap_only.reply(c) for c in cands] == ["The paper used p = 0.5 [2]."]
 
 
 def test_a_copying_file_naming_unknown_features_is_refused_with_the_fix():

@@ -100,6 +100,12 @@ def split_dev(records: list["QARecord"], share: float) -> tuple[list["QARecord"]
     return dev, [r for r in records if not in_dev_split(r.id, share)]
 
 
+def sample_records(records: list["QARecord"], most: int, rng) -> list["QARecord"]:
+    """At most ``most`` of ``records`` drawn by ``rng`` (all when ``most`` is 0): the dataset
+    stage's sample (``dataset.max_records``; the tiny profile uses a few)."""
+    return rng.sample(records, min(most, len(records))) if most else records
+
+
 def load_split(qa_dir: Path, split: str) -> list[QARecord]:
     """All records of a split; raises ``DataError`` listing every bad line."""
     path = Path(qa_dir) / f"{split}.jsonl"

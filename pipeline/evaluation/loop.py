@@ -114,7 +114,7 @@ def evaluate(artifacts, records, retriever, settings: EvalSettings, perplexity_t
             configs.append(("plain", True, "fp32"))
         if variant in settings.numeric_path_variants:
             configs += [("template", True, path) for path in settings.numeric_paths if path != "fp32"]
-        perplexity = None
+        perplexity, copy_cands = None, None
         for layout, use_retrieval, numeric in configs:
             run = Run(variant, layout, use_retrieval, numeric)
             prompts = []
@@ -130,7 +130,8 @@ def evaluate(artifacts, records, retriever, settings: EvalSettings, perplexity_t
                     from pipeline.reader import Reader
 
                     reader = Reader(artifacts.require("reader"))
-                copy_and_score(run, model, tokenizer, retriever.embedder, reader, selector, prompts, records, passages)
+                copy_cands = copy_and_score(run, model, tokenizer, retriever.embedder, reader, selector, prompts,
+                                            records, passages)
             elif numeric.startswith("ort-"):
                 ort_and_score(run, artifacts, model, tokenizer, prompts, records, passages, settings)
             else:
@@ -140,8 +141,9 @@ def evaluate(artifacts, records, retriever, settings: EvalSettings, perplexity_t
                 run.extra["perplexity"] = perplexity
             log.info("%s: %s", run.name, aggregate(run.rows))
             runs.append(run)
-        if selector and variant in settings.best_of_n_variants and settings.best_of_n:
-            runs += best_of_n_runs(artifacts, variant, model, tokenizer, retriever.embedder, reader, selector,
+        if copy_cands and variant in settings.best_of_n_variants and settings.best_of_n:
+            copy_run = next(r for r in runs if r.variant == variant and r.layout == "copy")
+            runs += best_of_n_runs(artifacts, variant, selector, copy_cands, copy_run.seconds_per_answer,
                                    [build_messages(r.question, p, r.history) for r, p in zip(records, passages)],
                                    records, passages, settings.best_of_n)
         del model
@@ -170,18 +172,22 @@ def ort_and_score(run: Run, artifacts, model, tokenizer, prompts, records, passa
     score_rows(run, records, passages)
 
 
-def copy_and_score(run: Run, model, tokenizer, embedder, reader, selector, prompts, records, passages) -> None:
-    from pipeline.copying import copy_answers
+def copy_and_score(run: Run, model, tokenizer, embedder, reader, selector, prompts, records, passages) -> list:
+    """Copy decoding's replies; returns the featurised candidates they were chosen from."""
+    from pipeline.copying import featurize_all
 
     started = time.time()
-    run.answers = copy_answers(model, tokenizer, embedder, reader, selector, prompts, desc=run.name)
+    cands = featurize_all(model, tokenizer, embedder, reader, prompts, selector.reads_model, desc=run.name)
+    run.answers = [selector.reply(c) for c in cands]
     run.seconds_per_answer = (time.time() - started) / max(1, len(records))
     score_rows(run, records, passages)
+    return cands
 
 
-def best_of_n_runs(artifacts, variant, model, tokenizer, embedder, reader, selector, prompts, records, passages,
+def best_of_n_runs(artifacts, variant, selector, cands, copy_seconds: float, prompts, records, passages,
                    ns: list[int]) -> list[Run]:
-    """One row per n > 1: the reward model's choice among the selector's n best sentences."""
+    """One row per n > 1: the reward model's choice among the selector's n best sentences
+    (``cands``: the copy row's featurised candidates, which took ``copy_seconds`` an answer)."""
     from pipeline.best_of_n import best_of_n_answers
     from pipeline.training import load_reward_model
 
@@ -190,12 +196,12 @@ def best_of_n_runs(artifacts, variant, model, tokenizer, embedder, reader, selec
         return []
     scorer, score_tokenizer = load_reward_model(artifacts)
     started = time.time()
-    answers = best_of_n_answers(model, tokenizer, embedder, reader, selector, scorer, score_tokenizer, prompts,
-                                sorted(set(ns)), desc=f"{variant} best-of-n")
+    answers = best_of_n_answers(selector, scorer, score_tokenizer, prompts, cands, sorted(set(ns)),
+                                desc=f"{variant} best-of-n")
     runs = []
     for n in sorted(n for n in set(ns) if n > 1):
         run = Run(variant, f"best-of-{n}", True, answers=answers[n])
-        run.seconds_per_answer = (time.time() - started) / max(1, len(records))  # all n together
+        run.seconds_per_answer = copy_seconds + (time.time() - started) / max(1, len(records))  # all n together
         score_rows(run, records, passages)
         log.info("%s: %s", run.name, aggregate(run.rows))
         runs.append(run)

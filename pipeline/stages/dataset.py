@@ -187,14 +187,12 @@ def examples_for(record, retriever, k: int, rng: random.Random, config: Config, 
 
 
 def run(config: Config, ctx) -> dict:
-    from pipeline.data.records import in_dev_split, load_split
+    from pipeline.data.records import in_dev_split, load_split, sample_records
     from pipeline.retrieval.retriever import Retriever
 
     cfg = ctx.config
     rng = random.Random(cfg.seed)
-    records = load_split(cfg.paths.resolve("qa"), "train")
-    if config.max_records:
-        records = rng.sample(records, min(config.max_records, len(records)))
+    records = sample_records(load_split(cfg.paths.resolve("qa"), "train"), config.max_records, rng)
     retriever = Retriever(ctx.parent("index"), cfg.retrieval)
     k = cfg.retrieval.top_k
     sets = {name: [] for name in ("sft", "sft_val", "prefs", "prefs_val", "prompts")}
