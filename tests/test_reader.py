@@ -11,7 +11,9 @@ WORDS = ["what", "is", "the", "rate", "it", "was", "set", "to", "0.1", "paper", 
 
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory):
-    """A 2-layer BERT, width 32, with a word-level vocabulary: a stand-in for MiniLM."""
+    """A 2-layer BERT, width 32, with a word-level vocabulary: a stand-in for MiniLM. Its weights
+    are drawn at a trained model's scale: at BERT's 0.02 a random 2-layer [CLS] carries next to
+    nothing of its input, and a LoRA adapter has nothing to amplify."""
     import torch
     from transformers import BertConfig, BertModel, BertTokenizer
 
@@ -21,7 +23,8 @@ def tiny_bert(tmp_path_factory):
     assert tokenizer.unk_token_id not in tokenizer("what is the rate?")["input_ids"]
     torch.manual_seed(0)
     BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(folder)
+                         intermediate_size=64, max_position_embeddings=64,
+                         initializer_range=0.2)).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)
 

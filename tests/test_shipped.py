@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from pipeline.artifacts import Artifacts
 from service import __main__ as service_main
 
@@ -65,3 +67,22 @@ def test_the_chat_builds_the_reader_only_for_a_variant_that_reads_it(tmp_path, m
     assert built == []
     service_main.ensure_built(cfg, no_build=False, need_index=True)
     assert built == ["index"]
+
+
+@pytest.mark.slow
+def test_the_shipped_reader_is_a_small_adapter_that_reads():
+    """The reader ships as a LoRA adapter on the embedded MiniLM (no 88 MB model, no training
+    on the first chat), and it ranks the sentence that answers first."""
+    from pipeline.reader import ADAPTER_DIR, Reader
+
+    folder = service_main.SHIPPED / "reader"
+    assert json.loads((folder / "meta.json").read_text())["stage"] == "reader"
+    size = (folder / ADAPTER_DIR / "adapter_model.safetensors").stat().st_size
+    assert 500_000 < size < 5_000_000, size
+    question = "Which optimiser keeps running averages of the gradient and its square?"
+    sentences = ["Adam keeps running averages of the gradient and of its square, per parameter.",
+                 "Dropout sets a random share of activations to zero during training.",
+                 "The learning rate is often warmed up over the first steps."]
+    scores = Reader(folder).scores(question, sentences, ["Optimisers > Adam", "Regularisation > Dropout",
+                                                         "Optimisers > Schedules"])
+    assert scores.argmax() == 0 and scores[0] > max(scores[1:]) + 1.0, scores

@@ -3,10 +3,11 @@
 Reads:  data/qa/train.jsonl (the records outside the dataset stage's dev split, never
         eval.jsonl) and the `index` artifact (retrieval as served; its embedder is the
         starting point).
-Writes: artifacts/reader/model/ (the fine-tuned cross-encoder) and meta.json: training
-        figures and, on the dev split's questions retrieved as served, how often the reader's
-        best sentence holds the facts (beside word overlap's best sentence) and how well its
-        best score tells silent questions from answerable ones (AUC).
+Writes: artifacts/reader/adapter/ (its LoRA adapter and one-logit head), reader.json (the
+        model under it) and meta.json: training figures and, on the dev split's questions
+        retrieved as served, how often the reader's best sentence holds the facts (beside word
+        overlap's best sentence) and how well its best score tells silent questions from
+        answerable ones (AUC).
 Alone:  python -m pipeline run --only reader
 """
 from __future__ import annotations
@@ -62,7 +63,6 @@ def dev_report(reader, records, retriever) -> dict:
 
 def run(config: Config, ctx) -> dict:
     from pipeline.data.records import load_split, split_dev
-    from pipeline.models import resolve_embedder
     from pipeline.reader import Reader, labelled_pairs, train
     from pipeline.retrieval.retriever import Retriever
 
@@ -73,6 +73,6 @@ def run(config: Config, ctx) -> dict:
     retriever = Retriever(ctx.parent("index"), cfg.retrieval)
     manifest = json.loads((ctx.parent("index") / "manifest.json").read_text())
     ctx.log.info("reader: labelling the shown sentences of %d train questions", len(used))
-    metrics = train(labelled_pairs(used, retriever), resolve_embedder(manifest["embedder"]), ctx.out_dir, config)
+    metrics = train(labelled_pairs(used, retriever), manifest["embedder"], ctx.out_dir, config)
     ctx.log.info("reader: scoring the %d dev questions", len(dev))
     return {"train_questions": len(used), **metrics, **dev_report(Reader(ctx.out_dir), dev, retriever)}
