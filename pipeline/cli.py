@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
                            help="base too: its selector measures what copy decoding does without training")
     _add_profile(calibrate)
 
+    holdout = commands.add_parser("reader-holdout", help="train a reader on half the train questions outside "
+                                  "dev and score it on the other half (compare reader recipes)")
+    _add_profile(holdout)
+
     retrieval_eval = commands.add_parser("retrieval-eval", help="recall/MRR/nDCG on data/qa/eval.jsonl")
     retrieval_eval.add_argument("--tune", action="store_true",
                                 help="rank hybrid fusion settings on the training questions instead")
@@ -114,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline.copying import calibrate_built
 
             print(json.dumps(calibrate_built(cfg, args.variant), indent=2))
+        elif args.command == "reader-holdout":
+            from pipeline.reader_holdout import holdout
+
+            print(json.dumps(holdout(cfg), indent=2))
         elif args.command == "retrieval-eval":
             from pipeline.evaluation.commands import run_retrieval_eval
 

@@ -94,3 +94,21 @@ def test_pairs_label_the_sentence_holding_every_fact_and_nothing_for_a_silent_qu
                      ("What rate was set?", "Rates: The paper used a large model .", 0.0),
                      ("Who wrote it?", "Rates: The rate was set to 0.1 .", 0.0),
                      ("Who wrote it?", "Rates: The paper used a large model .", 0.0)]
+
+
+def test_reader_holdout_halves_leave_out_dev_and_do_not_overlap():
+    """Recipes are compared on train questions only: two disjoint halves, the dev split in
+    neither, the same halves for the same seed."""
+    from types import SimpleNamespace
+
+    from pipeline.data.records import in_dev_split
+    from pipeline.reader_holdout import halves
+
+    records = [SimpleNamespace(id=f"q-{i}") for i in range(200)]
+    fit, scored = halves(records, 0.1, seed=0)
+    dev = {r.id for r in records if in_dev_split(r.id, 0.1)}
+    assert dev and not dev & {r.id for r in fit + scored}
+    assert len(fit) + len(scored) == 200 - len(dev) and abs(len(fit) - len(scored)) <= 1
+    assert not {r.id for r in fit} & {r.id for r in scored}
+    assert [r.id for r in halves(records, 0.1, seed=0)[0]] == [r.id for r in fit]
+    assert [r.id for r in halves(records, 0.1, seed=1)[0]] != [r.id for r in fit]
