@@ -114,7 +114,7 @@ def evaluate(artifacts, records, retriever, settings: EvalSettings, perplexity_t
             configs.append(("plain", True, "fp32"))
         if variant in settings.numeric_path_variants:
             configs += [("template", True, path) for path in settings.numeric_paths if path != "fp32"]
-        perplexity, copy_cands = None, None
+        perplexity, copied = None, None  # the copy row, its prompts and candidates, for best-of-n
         for layout, use_retrieval, numeric in configs:
             run = Run(variant, layout, use_retrieval, numeric)
             prompts = []
@@ -130,8 +130,9 @@ def evaluate(artifacts, records, retriever, settings: EvalSettings, perplexity_t
                     from pipeline.reader import Reader
 
                     reader = Reader(artifacts.require("reader"))
-                copy_cands = copy_and_score(run, model, tokenizer, retriever.embedder, reader, selector, prompts,
-                                            records, passages)
+                cands = copy_and_score(run, model, tokenizer, retriever.embedder, reader, selector, prompts,
+                                       records, passages)
+                copied = run, prompts, cands
             elif numeric.startswith("ort-"):
                 ort_and_score(run, artifacts, model, tokenizer, prompts, records, passages, settings)
             else:
@@ -141,10 +142,9 @@ def evaluate(artifacts, records, retriever, settings: EvalSettings, perplexity_t
                 run.extra["perplexity"] = perplexity
             log.info("%s: %s", run.name, aggregate(run.rows))
             runs.append(run)
-        if copy_cands and variant in settings.best_of_n_variants and settings.best_of_n:
-            copy_run = next(r for r in runs if r.variant == variant and r.layout == "copy")
-            runs += best_of_n_runs(artifacts, variant, selector, copy_cands, copy_run.seconds_per_answer,
-                                   [build_messages(r.question, p, r.history) for r, p in zip(records, passages)],
+        if copied and variant in settings.best_of_n_variants and settings.best_of_n:
+            copy_run, prompts, cands = copied
+            runs += best_of_n_runs(artifacts, variant, selector, cands, copy_run.seconds_per_answer, prompts,
                                    records, passages, settings.best_of_n)
         del model
     return runs
