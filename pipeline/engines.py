@@ -94,6 +94,7 @@ class LlamaCppGenerator:
         """``min_new_tokens`` is honoured by not stopping at end of text before it (llama.cpp
         has no minimum length): the bench asks for fixed-length replies."""
         end = self.model.token_eos()
+        self.model.reset()  # else llama-cpp-python reuses the cache of a prompt it has seen: no prefill
         for count, token in enumerate(self.model.generate(prompt_ids, top_k=1, temp=0.0, repeat_penalty=1.0,
                                                           reset=True)):
             if count >= max_new_tokens or (token == end and count >= min_new_tokens):

@@ -52,3 +52,32 @@ def test_answer_latency_times_each_numeric_path_from_the_question(tiny):
     for timing in report["free"].values():
         assert 0 < timing["ttft_p50_ms"] <= timing["p50_ms"]
     assert "copy_decoding" not in report
+
+
+def test_answer_latency_times_other_engines_on_the_served_prompt(tiny):
+    """An engine (pipeline/engines.py) is handed the whole served prompt as ids and asked for a
+    fixed-length reply; its row sits beside the numeric paths'."""
+    import time
+
+    from pipeline.bench.generation import answer_latency
+    from pipeline.generation import prompt_text
+    from pipeline.prompt import build_messages
+
+    model, tokenizer = tiny
+    seen = []
+
+    class Engine:
+        def stream_ids(self, prompt_ids, max_new_tokens, min_new_tokens=0):
+            seen.append((prompt_ids, max_new_tokens, min_new_tokens))
+            for token in range(max_new_tokens):
+                time.sleep(0.01)  # a token takes time: the first arrives well before the last
+                yield token
+
+    questions = ["Who proposed Adam?", "What is dropout?"]
+    report = answer_latency(NoPassages(), {"fp32": model}, tokenizer, None, questions, new_tokens=6,
+                            engines={"other": Engine()})
+    assert list(report["free"]) == ["fp32", "other"]
+    assert 10 <= report["free"]["other"]["ttft_p50_ms"] < report["free"]["other"]["p50_ms"] - 40
+    served = [tokenizer(prompt_text(tokenizer, build_messages(q, [])), add_special_tokens=False)["input_ids"]
+              for q in questions]
+    assert seen == [(ids, 6, 6) for ids in served]

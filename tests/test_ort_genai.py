@@ -7,7 +7,6 @@ import pytest
 pytest.importorskip("onnxruntime_genai", reason="the onnx extra is not installed (pip install -e '.[onnx]')")
 
 from pipeline import ort_genai  # noqa: E402
-from pipeline.artifacts import Artifacts  # noqa: E402
 
 QUESTIONS = ["Who proposed Adam?", "What does dropout do?"]
 

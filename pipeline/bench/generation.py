@@ -104,16 +104,17 @@ def greedy_ids(model, tokenizer, messages, new_tokens: int = 64) -> list[int]:
 
 
 def answer_latency(retriever, paths: dict, tokenizer, selector, questions: list[str], new_tokens: int = 40,
-                   reader=None) -> dict:
+                   reader=None, engines: dict | None = None) -> dict:
     """End to end, per question (retrieval, prompt, reply), p50/p95 seconds: free greedy decoding
     of ``new_tokens`` tokens on each numeric path in ``paths`` (name -> model; the system turn's
-    cache reused, as served), with its time to first token on these real prompts (and reading
-    each whole prompt, for comparison), against
-    copy decoding (pipeline/copying.py, with ``reader``) on the first path's model."""
+    cache reused, as served) and on each other engine in ``engines`` (name -> generator with
+    ``stream_ids``, reading the whole prompt), with its time to first token on these real
+    prompts (and reading each whole prompt, for comparison), against copy decoding
+    (pipeline/copying.py, with ``reader``) on the first path's model."""
     import torch
 
     from pipeline.bench.retrieval import _percentiles as percentiles
-    from pipeline.generation import PromptPrefix
+    from pipeline.generation import PromptPrefix, prompt_text
     from pipeline.prompt import build_messages
 
     report = {"questions": len(questions), "free": {}}
@@ -131,6 +132,18 @@ def answer_latency(retriever, paths: dict, tokenizer, selector, questions: list[
                 whole.append(before_reply + _timed_reply(model, tokenizer, messages, 1)[0])  # no cached system turn
             report["free"][name] = {**percentiles(totals), "ttft_p50_ms": round(1000 * statistics.median(firsts), 1),
                                     "ttft_whole_prompt_p50_ms": round(1000 * statistics.median(whole), 1)}
+        for name, generator in (engines or {}).items():
+            totals, firsts = [], []
+            for question in questions:
+                started, first = time.perf_counter(), None
+                ids = tokenizer(prompt_text(tokenizer, build_messages(question, retriever.search(question))),
+                                add_special_tokens=False)["input_ids"]
+                for _ in generator.stream_ids(ids, new_tokens, new_tokens):
+                    first = first or time.perf_counter() - started
+                totals.append(time.perf_counter() - started)
+                firsts.append(first)
+            ttft = round(1000 * statistics.median(firsts), 1)
+            report["free"][name] = {**percentiles(totals), "ttft_p50_ms": ttft, "ttft_whole_prompt_p50_ms": ttft}
         if selector is not None:
             model, copied = next(iter(paths.values())), []
             for question in questions:
