@@ -1,8 +1,8 @@
-"""Two more CPU engines for the bench's generation table: CTranslate2 and llama.cpp.
+"""Two more CPU engines for the bench: CTranslate2 and llama.cpp; and any engine's answers.
 
 Both stream greedy token ids for a prompt given as ids, like ``pipeline.ort_genai.OrtGenerator``,
 so the bench times every engine with one function and compares its tokens with the fp32
-reference's.
+reference's, and ``engine_answers`` gives the eval's ``ort-*`` and ``ct2-*`` rows.
 
 - CTranslate2 reads a variant (LoRA merged) converted by its own converter, offline from a
   local folder, once per quantization and cached by the variant's fingerprint
@@ -100,3 +100,26 @@ class LlamaCppGenerator:
             if count >= max_new_tokens or (token == end and count >= min_new_tokens):
                 return
             yield int(token)
+
+
+def engine_answers(generator, model, tokenizer, conversations: list[list[dict]], max_new_tokens: int,
+                   refusal_threshold: float | None = None, desc: str = "engine") -> list[str]:
+    """Greedy answers from another engine's ``generator`` (``stream_ids``) to each conversation.
+    The answer-or-refuse decision is the fp32 ``model``'s, as in ``generate_batch``; these
+    engines do not ban the refusal's words afterwards, the one difference from the fp32 row
+    besides the weights."""
+    from tqdm.auto import tqdm
+
+    from pipeline.generation import prompt_text, refusal_scores
+    from pipeline.prompt import REFUSAL
+
+    scores = (refusal_scores(model, tokenizer, conversations) if refusal_threshold is not None
+              else [float("-inf")] * len(conversations))
+    answers = []
+    for conversation, score in zip(tqdm(conversations, desc=desc, unit="answer"), scores):
+        if refusal_threshold is not None and score > refusal_threshold:
+            answers.append(REFUSAL)
+            continue
+        ids = tokenizer(prompt_text(tokenizer, conversation), add_special_tokens=False)["input_ids"]
+        answers.append(tokenizer.decode(list(generator.stream_ids(ids, max_new_tokens)), skip_special_tokens=True).strip())
+    return answers

@@ -75,27 +75,3 @@ class OrtGenerator:
         while not generator.is_done():
             generator.generate_next_token()
             yield int(generator.get_next_tokens()[0])
-
-
-def answer_batch(folder: Path, model, tokenizer, conversations: list[list[dict]], max_new_tokens: int,
-                 refusal_threshold: float | None = None) -> list[str]:
-    """Greedy answers from the onnxruntime-genai model in ``folder`` (the eval's ``ort-*``
-    numeric paths). The answer-or-refuse decision is the fp32 ``model``'s, as in
-    ``generate_batch``; onnxruntime-genai cannot ban the refusal's words afterwards, the only
-    difference from the fp32 row besides the weights."""
-    from tqdm.auto import tqdm
-
-    from pipeline.generation import prompt_text, refusal_scores
-    from pipeline.prompt import REFUSAL
-
-    scores = (refusal_scores(model, tokenizer, conversations) if refusal_threshold is not None
-              else [float("-inf")] * len(conversations))
-    generator = OrtGenerator(folder)
-    answers = []
-    for conversation, score in zip(tqdm(conversations, desc=f"onnxruntime-genai {folder.name}", unit="answer"), scores):
-        if refusal_threshold is not None and score > refusal_threshold:
-            answers.append(REFUSAL)
-            continue
-        ids = tokenizer(prompt_text(tokenizer, conversation), add_special_tokens=False)["input_ids"]
-        answers.append(tokenizer.decode(list(generator.stream_ids(ids, max_new_tokens)), skip_special_tokens=True).strip())
-    return answers

@@ -20,6 +20,7 @@ def ort_artifacts(tmp_path_factory):
 
 def test_fp32_conversion_of_a_merged_variant_decodes_like_transformers(ort_artifacts, tmp_path):
     from pipeline.bench.generation import greedy_ids
+    from pipeline.engines import engine_answers
     from pipeline.generation import prompt_text
     from pipeline.prompt import REFUSAL
     from pipeline.training import load_variant
@@ -37,7 +38,10 @@ def test_fp32_conversion_of_a_merged_variant_decodes_like_transformers(ort_artif
         assert tokens == greedy_ids(model, tokenizer, conversation, 16)
         assert tokens != greedy_ids(base, tokenizer, conversation, 16), "the adapter must have been merged"
     conversations = [[{"role": "user", "content": q}] for q in QUESTIONS]
-    assert ort_genai.answer_batch(folder, model, tokenizer, conversations, 8, refusal_threshold=-1e9) == [REFUSAL] * 2
+    assert engine_answers(generator, model, tokenizer, conversations, 8, refusal_threshold=-1e9) == [REFUSAL] * 2
+    answers = engine_answers(generator, model, tokenizer, conversations, 8, refusal_threshold=1e9)
+    assert answers == [tokenizer.decode(greedy_ids(model, tokenizer, c, 8), skip_special_tokens=True).strip()
+                       for c in conversations]
 
 
 def test_conversions_are_cached_and_precisions_checked(ort_artifacts, tmp_path, monkeypatch):

@@ -25,6 +25,9 @@ log = logging.getLogger("pipeline.eval")
 VARIANTS = ("base", "sft", "dpo", "ppo")
 
 
+ENGINE_PREFIXES = ("ort-", "ct2-")  # numeric paths run by another engine, not by transformers
+
+
 @dataclass
 class EvalSettings:
     max_questions: int = 0  # 0 = every eval record; else a fixed, stratified sample
@@ -41,8 +44,9 @@ class EvalSettings:
     perplexity_chunks: int = 24  # chunks of eval-only documents for held-out perplexity
     examples: int = 4  # questions shown side by side in reports/eval.md
     # Opt-in: faster numeric paths (pipeline/numeric.py) scored again against fp32, e.g.
-    # eval.numeric_paths=[int8-decode], or onnxruntime-genai's (ort-int4, ort-int8, ort-fp32;
-    # pipeline/ort_genai.py); `make bench` measures their speed.
+    # eval.numeric_paths=[int8-decode], onnxruntime-genai's (ort-int4, ort-int8, ort-fp32;
+    # pipeline/ort_genai.py) or CTranslate2's (ct2-int8, ct2-float32; pipeline/engines.py);
+    # `make bench` measures their speed.
     numeric_paths: list[str] = field(default_factory=list)
     numeric_path_variants: list[str] = field(default_factory=lambda: ["sft", "dpo", "ppo"])
     # Opt-in: best-of-n (pipeline/best_of_n.py), the reward model choosing among copy
@@ -122,7 +126,7 @@ def evaluate(artifacts, records, retriever, settings: EvalSettings, perplexity_t
                 shown = found if use_retrieval else []
                 prompts.append(build_plain_messages(record.question, shown) if layout == "plain"
                                else build_messages(record.question, shown, record.history))
-            answer_model = (model if numeric == "fp32" or numeric.startswith("ort-")
+            answer_model = (model if numeric == "fp32" or numeric.startswith(ENGINE_PREFIXES)
                             else to_numeric_path(copy.deepcopy(model), numeric))
             run.extra["refusal_threshold"] = threshold if layout == "template" else None
             if layout == "copy":
@@ -133,8 +137,8 @@ def evaluate(artifacts, records, retriever, settings: EvalSettings, perplexity_t
                 cands = copy_and_score(run, model, tokenizer, retriever.embedder, reader, selector, prompts,
                                        records, passages)
                 copied = run, prompts, cands
-            elif numeric.startswith("ort-"):
-                ort_and_score(run, artifacts, model, tokenizer, prompts, records, passages, settings)
+            elif numeric.startswith(ENGINE_PREFIXES):
+                engine_and_score(run, artifacts, model, tokenizer, prompts, records, passages, settings)
             else:
                 answer_and_score(run, answer_model, tokenizer, prompts, records, passages, settings)
             if layout != "plain" and use_retrieval and numeric == "fp32" and perplexity is None:
@@ -160,14 +164,21 @@ def answer_and_score(run: Run, model, tokenizer, prompts, records, passages, set
     score_rows(run, records, passages)
 
 
-def ort_and_score(run: Run, artifacts, model, tokenizer, prompts, records, passages, settings: EvalSettings) -> None:
-    """An onnxruntime-genai path (``ort-int4``, ``ort-int8``, ``ort-fp32``; pipeline/ort_genai.py)."""
-    from pipeline import ort_genai
+def engine_and_score(run: Run, artifacts, model, tokenizer, prompts, records, passages,
+                     settings: EvalSettings) -> None:
+    """Another engine's path: onnxruntime-genai (``ort-int4``, ``ort-int8``, ``ort-fp32``;
+    pipeline/ort_genai.py) or CTranslate2 (``ct2-int8``, ``ct2-float32``; pipeline/engines.py),
+    converted from the variant (cached), deciding with the fp32 model."""
+    from pipeline import engines, ort_genai
 
-    folder = ort_genai.converted(artifacts, run.variant, run.numeric.removeprefix("ort-"))
+    precision = run.numeric.split("-", 1)[1]
+    if run.numeric.startswith("ort-"):
+        generator = ort_genai.OrtGenerator(ort_genai.converted(artifacts, run.variant, precision))
+    else:
+        generator = engines.Ct2Generator(engines.ct2_converted(artifacts, run.variant, precision), tokenizer)
     started = time.time()
-    run.answers = ort_genai.answer_batch(folder, model, tokenizer, prompts, settings.max_new_tokens,
-                                         run.extra.get("refusal_threshold"))
+    run.answers = engines.engine_answers(generator, model, tokenizer, prompts, settings.max_new_tokens,
+                                         run.extra.get("refusal_threshold"), desc=run.name)
     run.seconds_per_answer = (time.time() - started) / max(1, len(records))
     score_rows(run, records, passages)
 
