@@ -32,32 +32,45 @@ def available(package: str) -> bool:
     return importlib.util.find_spec(package) is not None
 
 
-def ct2_converted(artifacts, variant: str, quantization: str = "int8", cache_dir: Path | None = None) -> Path:
-    """The CTranslate2 folder of ``variant`` at ``quantization``, converted now unless the cache
-    (default cache/ct2/) holds one for the variant's current fingerprint."""
-    from ctranslate2.converters import TransformersConverter
-
+def cached_conversion(artifacts, variant: str, engine: str, tag: str, marker: str, convert,
+                      cache_dir: Path | None = None) -> Path:
+    """cache/<engine>/<variant>-<fingerprint>-<tag>/: made now, unless the cache holds it (its
+    ``marker`` file is there), by ``convert(merged, out, work)``, which writes into ``out`` from
+    the variant saved with its adapters merged (fp32) in ``merged``; ``work`` is scratch. The
+    folder appears whole or not at all."""
     from pipeline.config import REPO_ROOT
     from pipeline.training import load_variant
 
-    if quantization not in CT2_QUANTIZATIONS:
-        raise UserError(f"unknown CTranslate2 quantization '{quantization}'; choose from {', '.join(CT2_QUANTIZATIONS)}")
     meta = artifacts.meta(variant)
     if meta is None:
         raise UserError(f"variant '{variant}' is not built; run: python -m pipeline run --only {variant}")
-    folder = Path(cache_dir or REPO_ROOT / "cache") / "ct2" / f"{variant}-{meta['fingerprint']}-{quantization}"
-    if (folder / "model.bin").exists():
+    folder = Path(cache_dir or REPO_ROOT / "cache") / engine / f"{variant}-{meta['fingerprint']}-{tag}"
+    if (folder / marker).exists():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder.parent) as work:
-        merged, out = Path(work) / "merged", Path(work) / "ct2"
+        merged, out = Path(work) / "merged", Path(work) / "out"
         model, tokenizer = load_variant(artifacts, variant)  # fp32, adapters merged
         model.save_pretrained(merged)
         tokenizer.save_pretrained(merged)
         del model
-        TransformersConverter(str(merged)).convert(str(out), quantization=quantization)
-        out.rename(folder)  # whole or not at all
+        convert(merged, out, Path(work))
+        out.rename(folder)
     return folder
+
+
+def ct2_converted(artifacts, variant: str, quantization: str = "int8", cache_dir: Path | None = None) -> Path:
+    """The CTranslate2 folder of ``variant`` at ``quantization``, converted now unless the cache
+    (default cache/ct2/) holds one for the variant's current fingerprint."""
+    if quantization not in CT2_QUANTIZATIONS:
+        raise UserError(f"unknown CTranslate2 quantization '{quantization}'; choose from {', '.join(CT2_QUANTIZATIONS)}")
+
+    def convert(merged: Path, out: Path, work: Path) -> None:
+        from ctranslate2.converters import TransformersConverter
+
+        TransformersConverter(str(merged)).convert(str(out), quantization=quantization)
+
+    return cached_conversion(artifacts, variant, "ct2", quantization, "model.bin", convert, cache_dir)
 
 
 class Ct2Generator:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -30,31 +29,19 @@ def available() -> bool:
 def converted(artifacts, variant: str, precision: str, cache_dir: Path | None = None) -> Path:
     """The ONNX folder of ``variant`` at ``precision``, converted now unless the cache (default
     cache/onnx/) holds one for the variant's current fingerprint."""
-    from pipeline.config import REPO_ROOT
-    from pipeline.training import load_variant
+    from pipeline.engines import cached_conversion
 
     if precision not in PRECISIONS:
         raise UserError(f"unknown onnxruntime-genai precision '{precision}'; choose from {', '.join(PRECISIONS)}")
-    meta = artifacts.meta(variant)
-    if meta is None:
-        raise UserError(f"variant '{variant}' is not built; run: python -m pipeline run --only {variant}")
-    folder = Path(cache_dir or REPO_ROOT / "cache") / "onnx" / f"{variant}-{meta['fingerprint']}-{precision}"
-    if (folder / "genai_config.json").exists():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder.parent) as work:
-        merged, out = Path(work) / "merged", Path(work) / "onnx"
-        model, tokenizer = load_variant(artifacts, variant)  # fp32, adapters merged
-        model.save_pretrained(merged)
-        tokenizer.save_pretrained(merged)
-        del model
+
+    def convert(merged: Path, out: Path, work: Path) -> None:
         command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(merged), "-o", str(out),
-                   "-p", precision, "-e", "cpu", "-c", str(Path(work) / "builder-cache")]
+                   "-p", precision, "-e", "cpu", "-c", str(work / "builder-cache")]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0 or not (out / "genai_config.json").exists():
             raise RuntimeError(f"onnxruntime-genai could not convert {variant} to {precision}:\n{done.stderr[-2000:]}")
-        out.rename(folder)  # whole or not at all
-    return folder
+
+    return cached_conversion(artifacts, variant, "onnx", precision, "genai_config.json", convert, cache_dir)
 
 
 class OrtGenerator:
