@@ -83,10 +83,14 @@ class Ct2Generator:
         self.generator = ctranslate2.Generator(str(folder), device="cpu", compute_type=compute_type,
                                                intra_threads=threads)
 
-    def stream_ids(self, prompt_ids: list[int], max_new_tokens: int, min_new_tokens: int = 0) -> Iterator[int]:
+    bans = True  # can keep token sequences out of a reply (engine_answers bans the refusal's words)
+
+    def stream_ids(self, prompt_ids: list[int], max_new_tokens: int, min_new_tokens: int = 0,
+                   banned: list[list[int]] | None = None) -> Iterator[int]:
         tokens = self.tokenizer.convert_ids_to_tokens(prompt_ids)
+        suppress = [self.tokenizer.convert_ids_to_tokens(ids) for ids in banned] if banned else None
         for step in self.generator.generate_tokens(tokens, max_length=max_new_tokens, min_length=min_new_tokens,
-                                                   sampling_topk=1):
+                                                   sampling_topk=1, suppress_sequences=suppress):
             yield int(step.token_id)
 
 
@@ -118,13 +122,16 @@ class LlamaCppGenerator:
 def engine_answers(generator, model, tokenizer, conversations: list[list[dict]], max_new_tokens: int,
                    refusal_threshold: float | None = None, desc: str = "engine") -> list[str]:
     """Greedy answers from another engine's ``generator`` (``stream_ids``) to each conversation.
-    The answer-or-refuse decision is the fp32 ``model``'s, as in ``generate_batch``; these
-    engines do not ban the refusal's words afterwards, the one difference from the fp32 row
-    besides the weights."""
+    The answer-or-refuse decision is the fp32 ``model``'s, as in ``generate_batch``; where it
+    says "answer", an engine that can (``bans``: CTranslate2) keeps the refusal's words out as
+    the fp32 path does; onnxruntime-genai cannot, the one difference from the fp32 row besides
+    the weights."""
     from tqdm.auto import tqdm
 
-    from pipeline.generation import prompt_text, refusal_scores
+    from pipeline.generation import prompt_text, refusal_scores, refusal_word_ids
     from pipeline.prompt import REFUSAL
+
+    ban = {"banned": refusal_word_ids(tokenizer)} if refusal_threshold is not None and getattr(generator, "bans", False) else {}
 
     scores = (refusal_scores(model, tokenizer, conversations) if refusal_threshold is not None
               else [float("-inf")] * len(conversations))
@@ -134,5 +141,6 @@ def engine_answers(generator, model, tokenizer, conversations: list[list[dict]],
             answers.append(REFUSAL)
             continue
         ids = tokenizer(prompt_text(tokenizer, conversation), add_special_tokens=False)["input_ids"]
-        answers.append(tokenizer.decode(list(generator.stream_ids(ids, max_new_tokens)), skip_special_tokens=True).strip())
+        answers.append(tokenizer.decode(list(generator.stream_ids(ids, max_new_tokens, **ban)),
+                                        skip_special_tokens=True).strip())
     return answers

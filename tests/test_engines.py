@@ -43,6 +43,10 @@ def test_ctranslate2_float32_decodes_the_merged_variant_like_transformers(artifa
         assert tokens == greedy_ids(model, tokenizer, conversation, 16)
         assert tokens != greedy_ids(base, tokenizer, conversation, 16), "the adapter must have been merged"
 
+    banned = tokens[:2]  # the last question's greedy opening, kept out of its reply
+    kept_out = list(generator.stream_ids(ids, 16, 16, banned=[banned]))
+    assert len(kept_out) == 16 and not any(kept_out[i:i + 2] == banned for i in range(15))
+
     def no_conversion(*args, **kwargs):
         raise AssertionError("a cached conversion must not convert again")
 
