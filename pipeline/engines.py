@@ -76,14 +76,14 @@ def ct2_converted(artifacts, variant: str, quantization: str = "int8", cache_dir
 class Ct2Generator:
     """Greedy decoding with a CTranslate2 generator folder."""
 
+    bans = True  # can keep token sequences out of a reply (engine_answers bans the refusal's words)
+
     def __init__(self, folder: Path, tokenizer, compute_type: str = "default", threads: int = 0):
         import ctranslate2
 
         self.tokenizer = tokenizer
         self.generator = ctranslate2.Generator(str(folder), device="cpu", compute_type=compute_type,
                                                intra_threads=threads)
-
-    bans = True  # can keep token sequences out of a reply (engine_answers bans the refusal's words)
 
     def stream_ids(self, prompt_ids: list[int], max_new_tokens: int, min_new_tokens: int = 0,
                    banned: list[list[int]] | None = None) -> Iterator[int]:
@@ -131,13 +131,12 @@ def engine_answers(generator, model, tokenizer, conversations: list[list[dict]],
     from pipeline.generation import prompt_text, refusal_scores, refusal_word_ids
     from pipeline.prompt import REFUSAL
 
-    ban = {"banned": refusal_word_ids(tokenizer)} if refusal_threshold is not None and getattr(generator, "bans", False) else {}
-
-    scores = (refusal_scores(model, tokenizer, conversations) if refusal_threshold is not None
-              else [float("-inf")] * len(conversations))
+    deciding = refusal_threshold is not None
+    ban = {"banned": refusal_word_ids(tokenizer)} if deciding and getattr(generator, "bans", False) else {}
+    scores = refusal_scores(model, tokenizer, conversations) if deciding else [float("-inf")] * len(conversations)
     answers = []
     for conversation, score in zip(tqdm(conversations, desc=desc, unit="answer"), scores):
-        if refusal_threshold is not None and score > refusal_threshold:
+        if deciding and score > refusal_threshold:
             answers.append(REFUSAL)
             continue
         ids = tokenizer(prompt_text(tokenizer, conversation), add_special_tokens=False)["input_ids"]
