@@ -36,8 +36,13 @@ class _Request:
 class Batcher:
     """One model's free-decoding queue and the worker thread that drains it in batches."""
 
-    def __init__(self, model, tokenizer, max_batch: int = 8, max_waiting: int = 16, queue_timeout: float = 60.0):
+    def __init__(self, model, tokenizer, max_batch: int = 8, max_waiting: int = 16, queue_timeout: float = 60.0,
+                 lookup_tokens: int | None = None):
+        from pipeline.generation import LOOKUP_TOKENS
+
         self.model, self.tokenizer = model, tokenizer
+        # greedy requests guess their next tokens from their prompts (prompt lookup decoding)
+        self.lookup_tokens = LOOKUP_TOKENS if lookup_tokens is None else lookup_tokens
         self.max_batch, self.max_waiting, self.queue_timeout = max_batch, max_waiting, queue_timeout
         self._pending: list[_Request] = []
         self._ready = threading.Condition()
@@ -123,7 +128,7 @@ class Batcher:
         from pipeline.generation import DecodeBatch, PromptPrefix
 
         self.prefix = PromptPrefix.system_turn(self.model, self.tokenizer)
-        self.batch = batch = DecodeBatch(self.model, self.tokenizer, self.prefix)
+        self.batch = batch = DecodeBatch(self.model, self.tokenizer, self.prefix, self.lookup_tokens)
         with torch.inference_mode():
             while (joining := self._admit(self.max_batch - len(batch.rows), bool(batch.rows))) is not None:
                 for request in joining:
@@ -138,4 +143,4 @@ class Batcher:
                 except Exception as err:  # every row of the batch hears of it; the worker lives on
                     for row in batch.rows:
                         row.emit(err)
-                    self.batch = batch = DecodeBatch(self.model, self.tokenizer, self.prefix)
+                    self.batch = batch = DecodeBatch(self.model, self.tokenizer, self.prefix, self.lookup_tokens)

@@ -20,6 +20,7 @@ from pipeline.artifacts import Artifacts, inputs_digest
 from pipeline.config import REPO_ROOT, load_config
 from pipeline.data.feedback import FeedbackStore
 from pipeline.errors import UserError
+from pipeline.generation import LOOKUP_TOKENS
 from pipeline.numeric import NUMERIC_PATHS
 from service.engine import DEFAULT_NUMERIC
 
@@ -129,6 +130,9 @@ def main(argv=None) -> int:
                         help="API requests that may wait for the model; more get 429 with Retry-After")
     parser.add_argument("--max-batch", type=int, default=8,
                         help="replies decoded together, one decode step for all (pipeline/batching.py)")
+    parser.add_argument("--lookup-tokens", type=int, default=None,
+                        help=f"tokens a greedy reply guesses from its prompt each step (prompt lookup; "
+                             f"0 = off; default {LOOKUP_TOKENS}); the reply is the same, written sooner")
     parser.add_argument("--queue-timeout", type=float, default=60.0,
                         help="seconds an API request may wait for the model before a 429")
     parser.add_argument("--profile", default="quick")
@@ -148,7 +152,7 @@ def main(argv=None) -> int:
         index_dir = Path(args.index) if args.index else docs_cache(cfg, Path(args.docs)) if args.docs else None
         engine = Engine(cfg.paths.resolve("artifacts"), index_dir, cfg.retrieval,
                         remote_url=args.remote, remote_model=args.remote_model, numeric=args.numeric,
-                        max_batch=args.max_batch, max_waiting=args.max_waiting, queue_timeout=args.queue_timeout)
+                        max_batch=args.max_batch, max_waiting=args.max_waiting, queue_timeout=args.queue_timeout, lookup_tokens=args.lookup_tokens)
         engine.retriever  # load now, so a corrupt index fails before the server starts
         library = make_library(cfg, args, engine)
         variant = choose_variant(args.variant, engine.artifacts)

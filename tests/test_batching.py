@@ -3,6 +3,7 @@ service's request batcher (pipeline/batching.py)."""
 from __future__ import annotations
 
 import pytest
+from transformers import NoBadWordsLogitsProcessor
 
 from conftest import build_tiny_llama, build_tokenizer
 from pipeline.generation import generate_batch, stream_batch
@@ -200,3 +201,100 @@ def test_the_system_turns_cache_gives_the_same_replies_and_is_read_once(tiny):
 def finals_one(updates) -> str:
     texts = [text for _, text in updates if text is not None]
     return texts[-1] if texts else ""
+
+
+def test_lookup_draft_continues_the_latest_earlier_occurrence_of_the_tail():
+    from pipeline.generation import lookup_draft
+
+    ids = [7, 2, 3, 4, 5, 2, 3, 9, 1, 2, 3]
+    assert lookup_draft(ids, 3) == [9, 1, 2], "the latest earlier [2, 3] is followed by 9, 1, 2"
+    assert lookup_draft(ids, 3, ngram=3) == [9, 1, 2]
+    assert lookup_draft([5, 6, 7, 6], 2) == [7, 6], "no earlier [7, 6]: the last id alone is looked up"
+    assert lookup_draft([1, 2, 3], 4) == [], "nothing to continue"
+
+
+def _decode_alone(model, tokenizer, question: str, cap: int, lookup: int) -> tuple[list[int], int]:
+    """(tokens, decode steps) of one greedy row of ``cap`` tokens, the refusal's words banned."""
+    import torch
+
+    from pipeline.generation import DecodeBatch, Row, prompt_text, refusal_word_ids
+
+    ids = tokenizer(prompt_text(tokenizer, conversation(question)), add_special_tokens=False)["input_ids"]
+    batch = DecodeBatch(model, tokenizer, lookup_tokens=lookup)
+    row = Row(ids, lambda text: None, cap, min_new_tokens=cap)
+    with torch.inference_mode():
+        batch.join(row)
+        row.processors.append(NoBadWordsLogitsProcessor(refusal_word_ids(tokenizer), eos_token_id=[2]))
+        while batch.rows:
+            batch.step()
+    return row.generated, batch.steps
+
+
+def test_prompt_lookup_writes_the_same_reply_in_fewer_steps(monkeypatch):
+    """A lone greedy row fed guessed tokens writes exactly the tokens it writes one step at a
+    time, in fewer steps. Here each guess is the true continuation with its third token wrong,
+    so every step keeps two guesses, drops the rest and their cache, and goes on from there."""
+    import pipeline.generation as generation
+
+    tokenizer = build_tokenizer()
+    sharp = build_tiny_llama(len(tokenizer), initializer_range=0.5)
+    for question, cap in zip(QUESTIONS, (30, 17, 25)):
+        plain, plain_steps = _decode_alone(sharp, tokenizer, question, cap, lookup=0)
+        assert len(set(plain)) > 3, "the check needs a reply that varies"
+        start = len(tokenizer(generation.prompt_text(tokenizer, conversation(question)),
+                              add_special_tokens=False)["input_ids"])
+
+        def half_right(ids, size, ngram=2):
+            truth = plain[len(ids) - start:len(ids) - start + size]
+            return [(t + 1) % len(tokenizer) if i == 2 else t for i, t in enumerate(truth)]
+
+        monkeypatch.setattr(generation, "lookup_draft", half_right)
+        guessed, guessed_steps = _decode_alone(sharp, tokenizer, question, cap, lookup=6)
+        monkeypatch.undo()
+        assert guessed == plain and len(plain) == cap
+        assert guessed_steps <= plain_steps // 2, (guessed_steps, plain_steps)
+    model, _ = tiny = build_tiny_llama(len(tokenizer)), tokenizer
+    texts = finals(stream_batch(model, tokenizer, [conversation(q) for q in QUESTIONS], max_new_tokens=12,
+                                lookup_tokens=8))
+    assert [texts[i].strip() for i in range(len(QUESTIONS))] == [alone(tiny, q, 12) for q in QUESTIONS]
+
+
+def test_rows_decoding_together_keep_their_own_guesses(monkeypatch):
+    """Rows fed guesses together (20 in all: 6 a row while three decode): each keeps the guesses
+    it would choose (here the first two, or four), the rest are masked out of the cache, and
+    every row writes exactly its reply decoded alone, whatever its neighbours kept."""
+    import torch
+
+    import pipeline.generation as generation
+
+    tokenizer = build_tokenizer()
+    sharp = build_tiny_llama(len(tokenizer), initializer_range=0.5)
+    caps = (30, 17, 25)
+    prompts = [tokenizer(generation.prompt_text(tokenizer, conversation(q)), add_special_tokens=False)["input_ids"]
+               for q in QUESTIONS]
+    plain = [_decode_alone(sharp, tokenizer, q, cap, lookup=0)[0] for q, cap in zip(QUESTIONS, caps)]
+    wrong_at = {0: 2, 1: 4, 2: 2}
+
+    def partly_right(ids, size, ngram=2):
+        row = next(i for i, p in enumerate(prompts) if ids[:len(p)] == p)
+        done = len(ids) - len(prompts[row])
+        truth = plain[row][done:done + size]
+        return [(t + 1) % len(tokenizer) if i == wrong_at[row] else t for i, t in enumerate(truth)]
+
+    monkeypatch.setattr(generation, "lookup_draft", partly_right)
+    batch = generation.DecodeBatch(sharp, tokenizer, lookup_tokens=20)
+    rows = [generation.Row(ids, lambda text: None, cap, min_new_tokens=cap) for ids, cap in zip(prompts, caps)]
+    with torch.inference_mode():
+        for row in rows:
+            batch.join(row)
+        while batch.rows:
+            batch.step()
+    assert [row.generated for row in rows] == plain
+    assert batch.steps <= max(caps) // 2, batch.steps
+
+
+def test_the_batcher_guesses_for_a_lone_request(tiny):
+    batcher = Batcher(*tiny)
+    reply = list(batcher.stream(conversation(QUESTIONS[1]), GenerationSettings(max_new_tokens=40)))[-1]
+    assert reply.strip() == alone(tiny, QUESTIONS[1], 40)
+    assert batcher.batch.steps < batcher.batch.step_tokens, "one step wrote several tokens"

@@ -37,9 +37,13 @@ def test_concurrent_clients_write_every_token_and_share_decode_steps(tiny):
                        requests_each=2, new_tokens=40)
     one, three = rows
     assert (one["requests"], one["tokens"]) == (2, 80) and (three["requests"], three["tokens"]) == (6, 240)
-    assert one["largest_batch"] == 1 and one["rows_per_step"] == 1.0
-    assert three["largest_batch"] >= 2 and three["rows_per_step"] > 1.0, three
+    assert one["largest_batch"] == 1 and one["tokens_per_step"] == 1.0
+    assert three["largest_batch"] >= 2 and three["tokens_per_step"] > 1.0, three
     assert one["aggregate_x_one_client"] == 1.0 and three["latency_p95_s"] >= three["latency_p50_s"]
+    guessing, = concurrency(NoPassages(), model, tokenizer, ["Who proposed Adam?"], clients=(1,), requests_each=2,
+                            new_tokens=40, lookup_tokens=8)
+    assert guessing["tokens"] == 80 and guessing["lookup"] == 8
+    assert guessing["tokens_per_step"] > 1.0, "a lone request's steps write several tokens with prompt lookup"
 
 
 def test_answer_latency_times_each_numeric_path_from_the_question(tiny):
@@ -52,6 +56,10 @@ def test_answer_latency_times_each_numeric_path_from_the_question(tiny):
     for timing in report["free"].values():
         assert 0 < timing["ttft_p50_ms"] <= timing["p50_ms"]
     assert "copy_decoding" not in report
+    guessed = answer_latency(NoPassages(), {"fp32": model}, tokenizer, None, ["Who proposed Adam?"], new_tokens=12,
+                             lookup_tokens=4)
+    assert list(guessed["free"]) == ["fp32", "fp32 + prompt lookup (4)"]
+    assert guessed["lookup_replies_as_without"] == "1/1"
 
 
 def test_answer_latency_times_other_engines_on_the_served_prompt(tiny):

@@ -60,11 +60,15 @@ def test_copy_decoding_rows_copy_a_shown_sentence_and_compare_with_free_decoding
     try:
         runs = evaluate(artifacts, RECORDS, retriever, EvalSettings(max_new_tokens=6, batch_size=3,
                         extractive_baseline=False, variants=["sft"],
-                        free_decoding_variants=["sft"]), [])
+                        free_decoding_variants=["sft"], numeric_paths=["fp32-lookup"],
+                        numeric_path_variants=["sft"]), [])
     finally:
         path.unlink()
-    assert [run.name for run in runs] == ["sft / template / rag", "sft / copy / rag"]
-    copied = runs[1]
+    assert [run.name for run in runs] == ["sft / template / rag", "sft / copy / rag",
+                                          "sft / template / rag / fp32-lookup"]
+    free, copied, guessed = runs
+    assert guessed.answers == free.answers and any(a != REFUSAL for a in free.answers), \
+        "prompt lookup answers exactly as fp32 decoding"
     assert copied.answers[0] == "Adam was proposed by Diederik Kingma and Jimmy Ba in 2014 [1]."
     assert copied.rows[0]["fact_hit"] and copied.rows[1]["fact_hit"]
     assert [(c["variant"], c["against"]) for c in comparisons(runs)] == [("sft copy", "sft")]

@@ -12,6 +12,7 @@ import resource
 
 from pipeline.artifacts import Artifacts
 from pipeline.config import load_config
+from pipeline.generation import LOOKUP_TOKENS
 
 
 def peak_rss_mb() -> float:
@@ -36,6 +37,10 @@ def main(argv=None) -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8], help="concurrent clients timed")
     parser.add_argument("--concurrency-numeric", nargs="+", default=["fp32"],
                         help="numeric paths the concurrent-clients section times (pipeline/numeric.py)")
+    parser.add_argument("--lookup", type=int, default=LOOKUP_TOKENS,
+                        help="prompt lookup's guessed tokens, timed beside fp32 (0 = leave its rows out)")
+    parser.add_argument("--concurrency-lookup", type=int, nargs="+", default=[LOOKUP_TOKENS, 0],
+                        help="the batcher's prompt lookup settings the concurrent-clients section times")
     parser.add_argument("--out", default="bench", help="report name: reports/<out>.json and .md")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -85,6 +90,11 @@ def main(argv=None) -> None:
         rows = {}
         for name, path_model in generation.numeric_paths(model).items():
             rows[name] = generation.time_generation(path_model, tokenizer, messages)
+        if args.lookup:
+            rows[f"fp32 + prompt lookup ({args.lookup})"] = {
+                **generation.time_generation(model, tokenizer, messages, lookup_tokens=args.lookup),
+                "tokens_as_fp32": generation.agreement(generation.greedy_ids(model, tokenizer, messages, lookup_tokens=args.lookup),
+                                            generation.greedy_ids(model, tokenizer, messages))}
         rows.update(onnx_rows(args.onnx, artifacts, variant, model, tokenizer, messages))
         rows.update(engine_rows(args.engines, artifacts, variant, model, tokenizer, messages))
         base = rows["fp32 (baseline)"]
@@ -110,15 +120,17 @@ def main(argv=None) -> None:
         others = dict(e[:2] for e in (make_engine(n, artifacts, variant, tokenizer) for n in args.engines or []) if e)
         report["answers"] = {"variant": variant, **generation.answer_latency(
             retriever, paths, tokenizer, selector, [r.question for r in answerable[:args.answers]], reader=reader,
-            engines=others)}
+            engines=others, lookup_tokens=args.lookup)}
     if "concurrency" not in args.skip:
         from pipeline.numeric import to_numeric_path
 
         rows = []
         for path in args.concurrency_numeric:
             path_model = model if path == "fp32" else to_numeric_path(copy.deepcopy(model), path)
-            rows += [{"numeric": path, **row} for row in generation.concurrency(
-                retriever, path_model, tokenizer, [r.question for r in answerable], args.clients)]
+            for lookup in args.concurrency_lookup:
+                rows += [{"numeric": path, **row} for row in generation.concurrency(
+                    retriever, path_model, tokenizer, [r.question for r in answerable], args.clients,
+                    lookup_tokens=lookup)]
         report["concurrency"] = {"variant": variant, "rows": rows}
         report["peak_rss_mb"] = peak_rss_mb()
     out = cfg.paths.resolve("reports")
@@ -221,6 +233,10 @@ def render(report: dict) -> str:
             rows.append({"path": f"copy decoding, {next(iter(a['free']))}", **a["copy_decoding"],
                          "ttft_p50_ms": a["copy_decoding"]["p50_ms"], "ttft_whole_prompt_p50_ms": "-"})
         lines += _table(rows) + [""]
+        if "lookup_replies_as_without" in a:
+            lines += [f"Prompt lookup decoding (pipeline/generation.py, `lookup_draft`) feeds guessed tokens "
+                      f"and keeps those the model itself chooses; replies identical to the same path's "
+                      f"without it: {a['lookup_replies_as_without']}.", ""]
     if "concurrency" in report:
         c = report["concurrency"]
         lines += [f"## Concurrent clients ({c['variant']} variant, free decoding, 40-token replies)", "",
@@ -228,7 +244,9 @@ def render(report: dict) -> str:
                   "through the service's batcher (pipeline/batching.py): between two decode steps the "
                   "waiting requests read their prompts and join the replies being written. Aggregate "
                   "tokens/s: every token / wall time; decode tokens/s: tokens written by decode steps / "
-                  "time in decode steps (prompt reading left out).", ""]
+                  "time in decode steps (prompt reading left out). `lookup`: the guessed tokens of "
+                  "prompt lookup decoding while a request decodes alone (0 = off; the service's default "
+                  f"is {LOOKUP_TOKENS}).", ""]
         lines += _table(c["rows"]) + [""]
     if "peak_rss_mb" in report:
         lines += [f"Peak resident memory of the bench process: {report['peak_rss_mb']} MB.", ""]

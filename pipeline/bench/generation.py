@@ -31,23 +31,28 @@ def numeric_paths(model):
             "int8-decode (bf16 prompt, int8 tokens)": to_numeric_path(copy.deepcopy(model), "int8-decode")}
 
 
-def _timed_reply(model, tokenizer, messages, new_tokens: int, prefix=None) -> tuple[float, float]:
-    """(seconds to the first token, seconds to the last) for one fixed-length greedy reply,
-    through the served generation path (pipeline/generation.py); with ``prefix`` (a
-    ``PromptPrefix``), the system turn's cache is reused as the service reuses it."""
+def _timed_reply(model, tokenizer, messages, new_tokens: int, prefix=None,
+                 lookup_tokens: int = 0) -> tuple[float, float, str]:
+    """(seconds to the first token, seconds to the last, the reply) for one fixed-length greedy
+    reply, through the served generation path (pipeline/generation.py); with ``prefix`` (a
+    ``PromptPrefix``), the system turn's cache is reused as the service reuses it; with
+    ``lookup_tokens``, prompt lookup decoding."""
     from pipeline.generation import stream_batch
 
-    started, first = time.perf_counter(), None
+    started, first, reply = time.perf_counter(), None, ""
     for _, text in stream_batch(model, tokenizer, [messages], max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                prefix=prefix):
-        if text is not None and first is None:
-            first = time.perf_counter() - started
-    return first, time.perf_counter() - started
+                                prefix=prefix, lookup_tokens=lookup_tokens):
+        if text is not None:
+            reply = text
+            if first is None:
+                first = time.perf_counter() - started
+    return first, time.perf_counter() - started, reply
 
 
-def time_generation(model, tokenizer, messages, new_tokens: int = 64, repeats: int = 3) -> dict:
+def time_generation(model, tokenizer, messages, new_tokens: int = 64, repeats: int = 3,
+                    lookup_tokens: int = 0) -> dict:
     """Time to first token reading the whole prompt, and with the system turn's cache (as
-    served); decode tokens/s from the served runs."""
+    served); decode tokens/s from the served runs (with ``lookup_tokens``, prompt lookup)."""
     import torch
 
     from pipeline.generation import PromptPrefix
@@ -56,9 +61,9 @@ def time_generation(model, tokenizer, messages, new_tokens: int = 64, repeats: i
     with torch.inference_mode():
         _timed_reply(model, tokenizer, messages, 4, prefix)  # warm-up; computes the system turn's cache
         whole = [_timed_reply(model, tokenizer, messages, 4)[0] for _ in range(repeats)]
-        runs = [_timed_reply(model, tokenizer, messages, new_tokens, prefix) for _ in range(repeats)]
+        runs = [_timed_reply(model, tokenizer, messages, new_tokens, prefix, lookup_tokens) for _ in range(repeats)]
     first = statistics.median(r[0] for r in runs)
-    decode = statistics.median((new_tokens - 1) / max(1e-6, total - ttft) for ttft, total in runs)
+    decode = statistics.median((new_tokens - 1) / max(1e-6, total - ttft) for ttft, total, _ in runs)
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     return {"prompt_tokens": len(tokenizer(prompt, add_special_tokens=False)["input_ids"]),
             "ttft_s": round(statistics.median(whole), 3), "ttft_system_cached_s": round(first, 3),
@@ -84,14 +89,18 @@ def time_engine(generator, tokenizer, messages, reference: list[int], new_tokens
     runs = [once(new_tokens) for _ in range(repeats)]
     first = statistics.median(r[0] for r in runs)
     decode = statistics.median((new_tokens - 1) / max(1e-6, whole - ttft) for ttft, whole, _ in runs)
-    agree = next((i for i, (a, b) in enumerate(zip(runs[0][2], reference)) if a != b), min(len(reference), new_tokens))
     return {"prompt_tokens": len(ids), "ttft_s": round(first, 3), "ttft_system_cached_s": "-",
-            "decode_tokens_per_s": round(decode, 2),
-            "tokens_as_fp32": f"{agree}/{len(reference)}"}
+            "decode_tokens_per_s": round(decode, 2), "tokens_as_fp32": agreement(runs[0][2][:new_tokens], reference)}
 
 
-def greedy_ids(model, tokenizer, messages, new_tokens: int = 64) -> list[int]:
-    """The reference path's greedy tokens, to compare other engines with."""
+def agreement(tokens: list[int], reference: list[int]) -> str:
+    """How many leading tokens equal the reference's, "n/len(reference)"."""
+    same = next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), min(len(tokens), len(reference)))
+    return f"{same}/{len(reference)}"
+
+
+def greedy_ids(model, tokenizer, messages, new_tokens: int = 64, lookup_tokens: int = 0) -> list[int]:
+    """The reference path's greedy tokens, to compare other engines with (and prompt lookup)."""
     import torch
 
     from pipeline.generation import Row, decode_all, prompt_text
@@ -99,18 +108,19 @@ def greedy_ids(model, tokenizer, messages, new_tokens: int = 64) -> list[int]:
     row = Row(tokenizer(prompt_text(tokenizer, messages), add_special_tokens=False)["input_ids"], lambda text: None,
               new_tokens, min_new_tokens=new_tokens)
     with torch.inference_mode():
-        decode_all(model, tokenizer, [row])
+        decode_all(model, tokenizer, [row], lookup_tokens=lookup_tokens)
     return row.generated
 
 
 def answer_latency(retriever, paths: dict, tokenizer, selector, questions: list[str], new_tokens: int = 40,
-                   reader=None, engines: dict | None = None) -> dict:
+                   reader=None, engines: dict | None = None, lookup_tokens: int = 0) -> dict:
     """End to end, per question (retrieval, prompt, reply), p50/p95 seconds: free greedy decoding
     of ``new_tokens`` tokens on each numeric path in ``paths`` (name -> model; the system turn's
     cache reused, as served) and on each other engine in ``engines`` (name -> generator with
     ``stream_ids``, reading the whole prompt), with its time to first token on these real
     prompts (and reading each whole prompt, for comparison), against copy decoding
-    (pipeline/copying.py, with ``reader``) on the first path's model."""
+    (pipeline/copying.py, with ``reader``) on the first path's model. With ``lookup_tokens``,
+    the first path is timed with prompt lookup decoding too, and its replies compared."""
     import torch
 
     from pipeline.bench.retrieval import _percentiles as percentiles
@@ -118,20 +128,31 @@ def answer_latency(retriever, paths: dict, tokenizer, selector, questions: list[
     from pipeline.prompt import build_messages
 
     report = {"questions": len(questions), "free": {}}
+    runs = [(name, model, 0) for name, model in paths.items()]
+    if lookup_tokens:
+        name, model = next(iter(paths.items()))
+        runs.insert(1, (f"{name} + prompt lookup ({lookup_tokens})", model, lookup_tokens))
+    replies = {}
     with torch.inference_mode():
-        for name, model in paths.items():
+        for name, model, lookup in runs:
             prefix, totals, firsts, whole = PromptPrefix.system_turn(model, tokenizer), [], [], []
             _timed_reply(model, tokenizer, build_messages(questions[0], retriever.search(questions[0])), 2, prefix)
+            replies[name] = []
             for question in questions:
                 started = time.perf_counter()
                 messages = build_messages(question, retriever.search(question))
                 before_reply = time.perf_counter() - started
-                first, _ = _timed_reply(model, tokenizer, messages, new_tokens, prefix)
+                first, _, reply = _timed_reply(model, tokenizer, messages, new_tokens, prefix, lookup)
                 totals.append(time.perf_counter() - started)
+                replies[name].append(reply)
                 firsts.append(before_reply + first)  # retrieval and the prompt count too
                 whole.append(before_reply + _timed_reply(model, tokenizer, messages, 1)[0])  # no cached system turn
             report["free"][name] = {**percentiles(totals), "ttft_p50_ms": round(1000 * statistics.median(firsts), 1),
                                     "ttft_whole_prompt_p50_ms": round(1000 * statistics.median(whole), 1)}
+    if lookup_tokens:
+        plain, guessed = list(replies.values())[:2]  # the first path without, then with
+        report["lookup_replies_as_without"] = f"{sum(a == b for a, b in zip(plain, guessed))}/{len(questions)}"
+    with torch.inference_mode():
         for name, generator in (engines or {}).items():
             totals, firsts = [], []
             for question in questions:
@@ -157,12 +178,13 @@ def answer_latency(retriever, paths: dict, tokenizer, selector, questions: list[
 
 
 def concurrency(retriever, model, tokenizer, questions: list[str], clients=(1, 4, 8), requests_each: int = 2,
-                new_tokens: int = 40, max_batch: int = 8) -> list[dict]:
+                new_tokens: int = 40, max_batch: int = 8, lookup_tokens: int = 0) -> list[dict]:
     """``clients`` threads, each asking ``requests_each`` questions one after another (retrieval,
     prompt, a fixed ``new_tokens``-token free-decoding reply) through the service's batcher
     (pipeline/batching.py). Per client count: p50/p95 latency, time to first token, and
     aggregate tokens/s (every token written / wall time) and decode tokens/s (tokens written by
-    decode steps / time in decode steps: prompt reading left out)."""
+    decode steps / time in decode steps: prompt reading left out). ``lookup_tokens`` is the
+    batcher's prompt lookup for a request decoding alone (0 = off)."""
     from concurrent.futures import ThreadPoolExecutor
     from types import SimpleNamespace
 
@@ -174,7 +196,8 @@ def concurrency(retriever, model, tokenizer, questions: list[str], clients=(1, 4
                                deadline_seconds=600.0)
     rows = []
     for count in clients:
-        batcher = Batcher(model, tokenizer, max_batch=max_batch, max_waiting=64, queue_timeout=600)
+        batcher = Batcher(model, tokenizer, max_batch=max_batch, max_waiting=64, queue_timeout=600,
+                          lookup_tokens=lookup_tokens)
         batcher.min_new_tokens = new_tokens  # fixed-length replies: every client writes the same
 
         def client(index: int) -> list[tuple[float, float, int]]:
@@ -193,14 +216,14 @@ def concurrency(retriever, model, tokenizer, questions: list[str], clients=(1, 4
             timings = [t for per_client in pool.map(client, range(count)) for t in per_client]
         wall = time.perf_counter() - started
         batcher.close()
-        rows.append({"clients": count, "requests": len(timings),
+        rows.append({"clients": count, "lookup": lookup_tokens, "requests": len(timings),
                      "latency_p50_s": round(statistics.median(t[0] for t in timings), 2),
                      "latency_p95_s": round(percentiles([t[0] for t in timings])["p95_ms"] / 1000, 2),
                      "ttft_p50_s": round(statistics.median(t[1] for t in timings), 2),
                      "tokens": sum(t[2] for t in timings),
                      "aggregate_tokens_per_s": round(sum(t[2] for t in timings) / wall, 2),
                      "decode_tokens_per_s": round(batcher.batch.step_tokens / max(1e-6, batcher.batch.step_seconds), 2),
-                     "rows_per_step": round(batcher.batch.step_tokens / max(1, batcher.batch.steps), 2),
+                     "tokens_per_step": round(batcher.batch.step_tokens / max(1, batcher.batch.steps), 2),
                      "largest_batch": max(batcher.batch_sizes)})
     for row in rows:
         row["aggregate_x_one_client"] = round(row["aggregate_tokens_per_s"] / rows[0]["aggregate_tokens_per_s"], 2)

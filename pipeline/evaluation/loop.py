@@ -26,6 +26,7 @@ VARIANTS = ("base", "sft", "dpo", "ppo")
 
 
 ENGINE_PREFIXES = ("ort-", "ct2-")  # numeric paths run by another engine, not by transformers
+LOOKUP_PATH = "fp32-lookup"  # fp32 answering one question at a time by prompt lookup, as a lone chat user is
 
 
 @dataclass
@@ -45,8 +46,8 @@ class EvalSettings:
     examples: int = 4  # questions shown side by side in reports/eval.md
     # Opt-in: faster numeric paths (pipeline/numeric.py) scored again against fp32, e.g.
     # eval.numeric_paths=[int8-decode], onnxruntime-genai's (ort-int4, ort-int8, ort-fp32;
-    # pipeline/ort_genai.py) or CTranslate2's (ct2-int8, ct2-float32; pipeline/engines.py);
-    # `make bench` measures their speed.
+    # pipeline/ort_genai.py) or CTranslate2's (ct2-int8, ct2-float32; pipeline/engines.py), or
+    # fp32-lookup (prompt lookup decoding, pipeline/generation.py); `make bench` measures their speed.
     numeric_paths: list[str] = field(default_factory=list)
     numeric_path_variants: list[str] = field(default_factory=lambda: ["sft", "dpo", "ppo"])
     # Opt-in: best-of-n (pipeline/best_of_n.py), the reward model choosing among copy
@@ -126,7 +127,7 @@ def evaluate(artifacts, records, retriever, settings: EvalSettings, perplexity_t
                 shown = found if use_retrieval else []
                 prompts.append(build_plain_messages(record.question, shown) if layout == "plain"
                                else build_messages(record.question, shown, record.history))
-            answer_model = (model if numeric == "fp32" or numeric.startswith(ENGINE_PREFIXES)
+            answer_model = (model if numeric in ("fp32", LOOKUP_PATH) or numeric.startswith(ENGINE_PREFIXES)
                             else to_numeric_path(copy.deepcopy(model), numeric))
             run.extra["refusal_threshold"] = threshold if layout == "template" else None
             if layout == "copy":
@@ -157,9 +158,14 @@ def evaluate(artifacts, records, retriever, settings: EvalSettings, perplexity_t
 def answer_and_score(run: Run, model, tokenizer, prompts, records, passages, settings: EvalSettings) -> None:
     from pipeline.generation import generate_batch
 
+    from pipeline.generation import LOOKUP_TOKENS
+
+    lookup = run.numeric == LOOKUP_PATH
     started = time.time()
-    run.answers = generate_batch(model, tokenizer, prompts, settings.max_new_tokens, settings.batch_size,
-                                 desc=run.name, refusal_threshold=run.extra.get("refusal_threshold"))
+    run.answers = generate_batch(model, tokenizer, prompts, settings.max_new_tokens,
+                                 1 if lookup else settings.batch_size, desc=run.name,
+                                 refusal_threshold=run.extra.get("refusal_threshold"),
+                                 lookup_tokens=LOOKUP_TOKENS if lookup else 0)
     run.seconds_per_answer = (time.time() - started) / max(1, len(records))
     score_rows(run, records, passages)
 
