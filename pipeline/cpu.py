@@ -41,7 +41,9 @@ def has_native_bf16() -> bool:
 
 
 def describe() -> str:
-    """One line naming the CPU model and its relevant features, for reports."""
+    """One line naming the CPU model, its relevant features and the vector instructions
+    PyTorch's kernels use (capped below the CPU's by ``ATEN_CPU_CAPABILITY=avx2``, as a run
+    standing in for an AVX2-only CPU does), for reports."""
     name = "unknown CPU"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -51,4 +53,10 @@ def describe() -> str:
     except OSError:
         pass
     present = [f for f, on in features().items() if on]
-    return f"{name} ({', '.join(present) or 'no AVX2'})"
+    try:
+        import torch
+
+        kernels = f"; PyTorch kernels: {torch.backends.cpu.get_cpu_capability()}"
+    except ImportError:
+        kernels = ""
+    return f"{name} ({', '.join(present) or 'no AVX2'}{kernels})"
