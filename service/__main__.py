@@ -21,7 +21,8 @@ from pipeline.config import REPO_ROOT, load_config
 from pipeline.data.feedback import FeedbackStore
 from pipeline.errors import UserError
 from pipeline.generation import LOOKUP_TOKENS
-from pipeline.numeric import NUMERIC_PATHS
+from pipeline.cpu import describe
+from pipeline.numeric import NUMERIC_PATHS, served_default
 from service.engine import DEFAULT_NUMERIC
 
 NEEDED = ("base", "index")
@@ -120,8 +121,9 @@ def main(argv=None) -> int:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--index", help="serve an index built by `python -m pipeline index`")
     source.add_argument("--docs", help="index this folder on the fly (cached by content)")
-    parser.add_argument("--numeric", default=DEFAULT_NUMERIC, choices=NUMERIC_PATHS,
-                        help=f"weights for CPU decoding (default {DEFAULT_NUMERIC}; costs of the others: reports/eval.md)")
+    parser.add_argument("--numeric", default="auto", choices=("auto",) + NUMERIC_PATHS,
+                        help="weights for free decoding; auto: int8-decode where the CPU has native bf16 "
+                             f"and VNNI, else {DEFAULT_NUMERIC} (pipeline.numeric.served_default)")
     parser.add_argument("--no-build", action="store_true", help="never train; fail if artifacts are missing")
     parser.add_argument("--remote", metavar="URL", help="send generation to an OpenAI-compatible server")
     parser.add_argument("--remote-model", help="model name to ask the remote server for")
@@ -150,8 +152,10 @@ def main(argv=None) -> int:
         cfg = load_config(args.profile, args.overrides)
         ensure_built(cfg, args.no_build, need_index=not (args.index or args.docs))
         index_dir = Path(args.index) if args.index else docs_cache(cfg, Path(args.docs)) if args.docs else None
+        numeric = served_default() if args.numeric == "auto" else args.numeric
+        logging.getLogger("service").info("free decoding runs the %s numeric path (%s)", numeric, describe())
         engine = Engine(cfg.paths.resolve("artifacts"), index_dir, cfg.retrieval,
-                        remote_url=args.remote, remote_model=args.remote_model, numeric=args.numeric,
+                        remote_url=args.remote, remote_model=args.remote_model, numeric=numeric,
                         max_batch=args.max_batch, max_waiting=args.max_waiting, queue_timeout=args.queue_timeout, lookup_tokens=args.lookup_tokens)
         engine.retriever  # load now, so a corrupt index fails before the server starts
         library = make_library(cfg, args, engine)

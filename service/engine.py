@@ -21,8 +21,8 @@ from pipeline.batching import Batcher, ServerBusy  # noqa: F401  (ServerBusy: th
 log = logging.getLogger("service.engine")
 VARIANTS = ("base", "sft", "ppo", "dpo")
 MAX_MESSAGE_CHARS = 4000
-# fp32 (merged LoRA) by default: no faster path has been scored against fp32 on the current
-# prompts and metric (eval.numeric_paths=[int8-decode] does it; see README "Speed").
+# The engine's own default: fp32 (merged LoRA), exact on every CPU. `python -m service` passes
+# pipeline.numeric.served_default() unless --numeric says otherwise.
 DEFAULT_NUMERIC = "fp32"
 EMPTY_MESSAGE_REPLY = "Please type a question, for example: What does the KL penalty in RLHF do?"
 

@@ -59,7 +59,7 @@ def test_answer_latency_times_each_numeric_path_from_the_question(tiny):
     guessed = answer_latency(NoPassages(), {"fp32": model}, tokenizer, None, ["Who proposed Adam?"], new_tokens=12,
                              lookup_tokens=4)
     assert list(guessed["free"]) == ["fp32", "fp32 + prompt lookup (4)"]
-    assert guessed["lookup_replies_as_without"] == "1/1"
+    assert guessed["lookup_replies_as_without"] == {"fp32": "1/1"}
 
 
 def test_answer_latency_times_other_engines_on_the_served_prompt(tiny):

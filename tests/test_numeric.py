@@ -89,3 +89,15 @@ def test_int8_decode_model_generates_like_fp32(served_artifacts):
 def test_unknown_path_is_named():
     with pytest.raises(UserError, match="int8-decode"):
         to_numeric_path(None, "fp8")
+
+
+@pytest.mark.parametrize("bf16, vnni, expected", [(True, True, "int8-decode"), (True, False, "fp32"),
+                                                   (False, True, "fp32"), (False, False, "fp32")])
+def test_the_served_default_follows_the_cpu(monkeypatch, bf16, vnni, expected):
+    """int8-decode only where its bf16 prompt is native and its 8-bit decode has VNNI."""
+    from pipeline import cpu
+    from pipeline.numeric import served_default
+
+    monkeypatch.setattr(cpu, "has_native_bf16", lambda: bf16)
+    monkeypatch.setattr(cpu, "has_int8_dot_product", lambda: vnni)
+    assert served_default() == expected

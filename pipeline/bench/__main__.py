@@ -13,6 +13,7 @@ import resource
 from pipeline.artifacts import Artifacts
 from pipeline.config import load_config
 from pipeline.generation import LOOKUP_TOKENS
+from pipeline.numeric import served_default, to_numeric_path
 
 
 def peak_rss_mb() -> float:
@@ -32,7 +33,7 @@ def main(argv=None) -> None:
     parser.add_argument("--engines", nargs="*", default=["ctranslate2-int8", "llama.cpp-q4_1"],
                         choices=["ctranslate2-int8", "ctranslate2-float32", "llama.cpp-q4_1"],
                         help="other engines timed beside transformers (none: skip; make bench installs them)")
-    parser.add_argument("--answers-numeric", nargs="+", default=["fp32", "int8"],
+    parser.add_argument("--answers-numeric", nargs="+", default=["fp32", "int8-decode"],
                         help="numeric paths timed answering end to end (the first also copy-decodes)")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8], help="concurrent clients timed")
     parser.add_argument("--concurrency-numeric", nargs="+", default=["fp32"],
@@ -90,11 +91,13 @@ def main(argv=None) -> None:
         rows = {}
         for name, path_model in generation.numeric_paths(model).items():
             rows[name] = generation.time_generation(path_model, tokenizer, messages)
-        if args.lookup:
-            rows[f"fp32 + prompt lookup ({args.lookup})"] = {
-                **generation.time_generation(model, tokenizer, messages, lookup_tokens=args.lookup),
-                "tokens_as_fp32": generation.agreement(generation.greedy_ids(model, tokenizer, messages, lookup_tokens=args.lookup),
-                                            generation.greedy_ids(model, tokenizer, messages))}
+        reference = generation.greedy_ids(model, tokenizer, messages)
+        for path in dict.fromkeys(["fp32", served_default()]) if args.lookup else []:  # the service's too
+            path_model = model if path == "fp32" else to_numeric_path(copy.deepcopy(model), path)
+            rows[f"{path} + prompt lookup ({args.lookup})"] = {
+                **generation.time_generation(path_model, tokenizer, messages, lookup_tokens=args.lookup),
+                "tokens_as_fp32": generation.agreement(
+                    generation.greedy_ids(path_model, tokenizer, messages, lookup_tokens=args.lookup), reference)}
         rows.update(onnx_rows(args.onnx, artifacts, variant, model, tokenizer, messages))
         rows.update(engine_rows(args.engines, artifacts, variant, model, tokenizer, messages))
         base = rows["fp32 (baseline)"]
@@ -106,8 +109,6 @@ def main(argv=None) -> None:
         report["peak_rss_mb"] = peak_rss_mb()
     if "answers" not in args.skip:
         from pipeline.copying import load_selector
-
-        from pipeline.numeric import to_numeric_path
 
         selector = load_selector(artifacts.dir(variant)) if variant != "base" else None
         reader = None
@@ -122,8 +123,6 @@ def main(argv=None) -> None:
             retriever, paths, tokenizer, selector, [r.question for r in answerable[:args.answers]], reader=reader,
             engines=others, lookup_tokens=args.lookup)}
     if "concurrency" not in args.skip:
-        from pipeline.numeric import to_numeric_path
-
         rows = []
         for path in args.concurrency_numeric:
             path_model = model if path == "fp32" else to_numeric_path(copy.deepcopy(model), path)
@@ -234,9 +233,11 @@ def render(report: dict) -> str:
                          "ttft_p50_ms": a["copy_decoding"]["p50_ms"], "ttft_whole_prompt_p50_ms": "-"})
         lines += _table(rows) + [""]
         if "lookup_replies_as_without" in a:
+            same = a["lookup_replies_as_without"]
+            same = ", ".join(f"{k} {v}" for k, v in same.items()) if isinstance(same, dict) else same
             lines += [f"Prompt lookup decoding (pipeline/generation.py, `lookup_draft`) feeds guessed tokens "
                       f"and keeps those the model itself chooses; replies identical to the same path's "
-                      f"without it: {a['lookup_replies_as_without']}.", ""]
+                      f"without it: {same}.", ""]
     if "concurrency" in report:
         c = report["concurrency"]
         lines += [f"## Concurrent clients ({c['variant']} variant, free decoding, 40-token replies)", "",

@@ -120,7 +120,8 @@ def answer_latency(retriever, paths: dict, tokenizer, selector, questions: list[
     ``stream_ids``, reading the whole prompt), with its time to first token on these real
     prompts (and reading each whole prompt, for comparison), against copy decoding
     (pipeline/copying.py, with ``reader``) on the first path's model. With ``lookup_tokens``,
-    the first path is timed with prompt lookup decoding too, and its replies compared."""
+    each path is timed with prompt lookup decoding too, and its replies compared with the same
+    path's without it."""
     import torch
 
     from pipeline.bench.retrieval import _percentiles as percentiles
@@ -128,10 +129,9 @@ def answer_latency(retriever, paths: dict, tokenizer, selector, questions: list[
     from pipeline.prompt import build_messages
 
     report = {"questions": len(questions), "free": {}}
-    runs = [(name, model, 0) for name, model in paths.items()]
-    if lookup_tokens:
-        name, model = next(iter(paths.items()))
-        runs.insert(1, (f"{name} + prompt lookup ({lookup_tokens})", model, lookup_tokens))
+    runs = [run for name, model in paths.items()
+            for run in [(name, model, 0)] + ([(f"{name} + prompt lookup ({lookup_tokens})", model, lookup_tokens)]
+                                             if lookup_tokens else [])]
     replies = {}
     with torch.inference_mode():
         for name, model, lookup in runs:
@@ -149,9 +149,10 @@ def answer_latency(retriever, paths: dict, tokenizer, selector, questions: list[
                 whole.append(before_reply + _timed_reply(model, tokenizer, messages, 1)[0])  # no cached system turn
             report["free"][name] = {**percentiles(totals), "ttft_p50_ms": round(1000 * statistics.median(firsts), 1),
                                     "ttft_whole_prompt_p50_ms": round(1000 * statistics.median(whole), 1)}
-    if lookup_tokens:
-        plain, guessed = list(replies.values())[:2]  # the first path without, then with
-        report["lookup_replies_as_without"] = f"{sum(a == b for a, b in zip(plain, guessed))}/{len(questions)}"
+    if lookup_tokens:  # each path's replies with prompt lookup against its own without
+        report["lookup_replies_as_without"] = {
+            name: f"{sum(a == b for a, b in zip(replies[name], replies[guessed]))}/{len(questions)}"
+            for name, guessed in zip(list(replies)[::2], list(replies)[1::2])}
     with torch.inference_mode():
         for name, generator in (engines or {}).items():
             totals, firsts = [], []

@@ -26,7 +26,9 @@ VARIANTS = ("base", "sft", "dpo", "ppo")
 
 
 ENGINE_PREFIXES = ("ort-", "ct2-")  # numeric paths run by another engine, not by transformers
-LOOKUP_PATH = "fp32-lookup"  # fp32 answering one question at a time by prompt lookup, as a lone chat user is
+# A numeric path with this suffix (fp32-lookup, int8-decode-lookup) answers one question at a
+# time by prompt lookup decoding, as a lone chat user is answered.
+LOOKUP_SUFFIX = "-lookup"
 
 
 @dataclass
@@ -47,7 +49,8 @@ class EvalSettings:
     # Opt-in: faster numeric paths (pipeline/numeric.py) scored again against fp32, e.g.
     # eval.numeric_paths=[int8-decode], onnxruntime-genai's (ort-int4, ort-int8, ort-fp32;
     # pipeline/ort_genai.py) or CTranslate2's (ct2-int8, ct2-float32; pipeline/engines.py), or
-    # fp32-lookup (prompt lookup decoding, pipeline/generation.py); `make bench` measures their speed.
+    # any of these with prompt lookup decoding (fp32-lookup, int8-decode-lookup;
+    # pipeline/generation.py); `make bench` measures their speed.
     numeric_paths: list[str] = field(default_factory=list)
     numeric_path_variants: list[str] = field(default_factory=lambda: ["sft", "dpo", "ppo"])
     # Opt-in: best-of-n (pipeline/best_of_n.py), the reward model choosing among copy
@@ -127,8 +130,9 @@ def evaluate(artifacts, records, retriever, settings: EvalSettings, perplexity_t
                 shown = found if use_retrieval else []
                 prompts.append(build_plain_messages(record.question, shown) if layout == "plain"
                                else build_messages(record.question, shown, record.history))
-            answer_model = (model if numeric in ("fp32", LOOKUP_PATH) or numeric.startswith(ENGINE_PREFIXES)
-                            else to_numeric_path(copy.deepcopy(model), numeric))
+            weights = numeric.removesuffix(LOOKUP_SUFFIX)
+            answer_model = (model if weights == "fp32" or numeric.startswith(ENGINE_PREFIXES)
+                            else to_numeric_path(copy.deepcopy(model), weights))
             run.extra["refusal_threshold"] = threshold if layout == "template" else None
             if layout == "copy":
                 if reader is None and selector.reads_reader:
@@ -160,7 +164,7 @@ def answer_and_score(run: Run, model, tokenizer, prompts, records, passages, set
 
     from pipeline.generation import LOOKUP_TOKENS
 
-    lookup = run.numeric == LOOKUP_PATH
+    lookup = run.numeric.endswith(LOOKUP_SUFFIX)
     started = time.time()
     run.answers = generate_batch(model, tokenizer, prompts, settings.max_new_tokens,
                                  1 if lookup else settings.batch_size, desc=run.name,
