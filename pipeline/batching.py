@@ -6,7 +6,8 @@ throughput of one client on 2 AVX2 cores: reports/bench-serving.md). A worker th
 between two decode steps the worker admits the waiting ones (up to ``max_batch`` rows in
 all): it reads each one's prompt after the system turn (whose cache it keeps), and the row joins the replies already being written. A row
 leaves when it ends. Each row keeps its own sampling settings, token cap, deadline and
-refusal decision (continuous batching, as in Orca, OSDI 2022).
+refusal decision (continuous batching, as in Orca, OSDI 2022). Greedy rows also guess their
+next tokens from their prompts (prompt lookup decoding, ``lookup_tokens``; DecodeBatch).
 """
 from __future__ import annotations
 
