@@ -20,8 +20,8 @@ from pipeline.artifacts import Artifacts, inputs_digest
 from pipeline.config import REPO_ROOT, load_config
 from pipeline.data.feedback import FeedbackStore
 from pipeline.errors import UserError
-from pipeline.generation import LOOKUP_TOKENS
 from pipeline.cpu import describe
+from pipeline.generation import LOOKUP_TOKENS
 from pipeline.numeric import NUMERIC_PATHS, served_default
 from service.engine import DEFAULT_NUMERIC
 
@@ -156,7 +156,8 @@ def main(argv=None) -> int:
         logging.getLogger("service").info("free decoding runs the %s numeric path (%s)", numeric, describe())
         engine = Engine(cfg.paths.resolve("artifacts"), index_dir, cfg.retrieval,
                         remote_url=args.remote, remote_model=args.remote_model, numeric=numeric,
-                        max_batch=args.max_batch, max_waiting=args.max_waiting, queue_timeout=args.queue_timeout, lookup_tokens=args.lookup_tokens)
+                        max_batch=args.max_batch, max_waiting=args.max_waiting, queue_timeout=args.queue_timeout,
+                        lookup_tokens=args.lookup_tokens)
         engine.retriever  # load now, so a corrupt index fails before the server starts
         library = make_library(cfg, args, engine)
         variant = choose_variant(args.variant, engine.artifacts)

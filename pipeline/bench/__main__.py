@@ -39,7 +39,8 @@ def main(argv=None) -> None:
     parser.add_argument("--concurrency-numeric", nargs="+", default=["fp32"],
                         help="numeric paths the concurrent-clients section times (pipeline/numeric.py)")
     parser.add_argument("--lookup", type=int, default=LOOKUP_TOKENS,
-                        help="prompt lookup's guessed tokens, timed beside fp32 (0 = leave its rows out)")
+                        help="prompt lookup's guessed tokens, timed for fp32, the served default and each "
+                             "--answers-numeric path (0 = leave its rows out)")
     parser.add_argument("--concurrency-lookup", type=int, nargs="+", default=[LOOKUP_TOKENS, 0],
                         help="the batcher's prompt lookup settings the concurrent-clients section times")
     parser.add_argument("--out", default="bench", help="report name: reports/<out>.json and .md")
@@ -91,7 +92,7 @@ def main(argv=None) -> None:
         rows = {}
         for name, path_model in generation.numeric_paths(model).items():
             rows[name] = generation.time_generation(path_model, tokenizer, messages)
-        reference = generation.greedy_ids(model, tokenizer, messages)
+        reference = generation.greedy_ids(model, tokenizer, messages) if args.lookup else []
         for path in dict.fromkeys(["fp32", served_default()]) if args.lookup else []:  # the service's too
             path_model = model if path == "fp32" else to_numeric_path(copy.deepcopy(model), path)
             rows[f"{path} + prompt lookup ({args.lookup})"] = {
@@ -233,8 +234,7 @@ def render(report: dict) -> str:
                          "ttft_p50_ms": a["copy_decoding"]["p50_ms"], "ttft_whole_prompt_p50_ms": "-"})
         lines += _table(rows) + [""]
         if "lookup_replies_as_without" in a:
-            same = a["lookup_replies_as_without"]
-            same = ", ".join(f"{k} {v}" for k, v in same.items()) if isinstance(same, dict) else same
+            same = ", ".join(f"{k} {v}" for k, v in a["lookup_replies_as_without"].items())
             lines += [f"Prompt lookup decoding (pipeline/generation.py, `lookup_draft`) feeds guessed tokens "
                       f"and keeps those the model itself chooses; replies identical to the same path's "
                       f"without it: {same}.", ""]
@@ -246,8 +246,8 @@ def render(report: dict) -> str:
                   "waiting requests read their prompts and join the replies being written. Aggregate "
                   "tokens/s: every token / wall time; decode tokens/s: tokens written by decode steps / "
                   "time in decode steps (prompt reading left out). `lookup`: the guessed tokens of "
-                  "prompt lookup decoding while a request decodes alone (0 = off; the service's default "
-                  f"is {LOOKUP_TOKENS}).", ""]
+                  "prompt lookup decoding, shared by the rows decoding together (0 = off; the service's "
+                  f"default is {LOOKUP_TOKENS}).", ""]
         lines += _table(c["rows"]) + [""]
     if "peak_rss_mb" in report:
         lines += [f"Peak resident memory of the bench process: {report['peak_rss_mb']} MB.", ""]

@@ -129,9 +129,11 @@ def answer_latency(retriever, paths: dict, tokenizer, selector, questions: list[
     from pipeline.prompt import build_messages
 
     report = {"questions": len(questions), "free": {}}
+    def guessed(name: str) -> str:
+        return f"{name} + prompt lookup ({lookup_tokens})"
+
     runs = [run for name, model in paths.items()
-            for run in [(name, model, 0)] + ([(f"{name} + prompt lookup ({lookup_tokens})", model, lookup_tokens)]
-                                             if lookup_tokens else [])]
+            for run in [(name, model, 0)] + ([(guessed(name), model, lookup_tokens)] if lookup_tokens else [])]
     replies = {}
     with torch.inference_mode():
         for name, model, lookup in runs:
@@ -151,8 +153,8 @@ def answer_latency(retriever, paths: dict, tokenizer, selector, questions: list[
                                     "ttft_whole_prompt_p50_ms": round(1000 * statistics.median(whole), 1)}
     if lookup_tokens:  # each path's replies with prompt lookup against its own without
         report["lookup_replies_as_without"] = {
-            name: f"{sum(a == b for a, b in zip(replies[name], replies[guessed]))}/{len(questions)}"
-            for name, guessed in zip(list(replies)[::2], list(replies)[1::2])}
+            name: f"{sum(a == b for a, b in zip(replies[name], replies[guessed(name)]))}/{len(questions)}"
+            for name in paths}
     with torch.inference_mode():
         for name, generator in (engines or {}).items():
             totals, firsts = [], []
@@ -185,7 +187,7 @@ def concurrency(retriever, model, tokenizer, questions: list[str], clients=(1, 4
     (pipeline/batching.py). Per client count: p50/p95 latency, time to first token, and
     aggregate tokens/s (every token written / wall time) and decode tokens/s (tokens written by
     decode steps / time in decode steps: prompt reading left out). ``lookup_tokens`` is the
-    batcher's prompt lookup for a request decoding alone (0 = off)."""
+    batcher's prompt lookup (0 = off; rows decoding together share it, DecodeBatch)."""
     from concurrent.futures import ThreadPoolExecutor
     from types import SimpleNamespace
 
