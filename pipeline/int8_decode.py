@@ -45,9 +45,17 @@ class PrefillDecodeLinear(torch.nn.Module):
 
 def replace_linears(model: torch.nn.Module, wrap) -> torch.nn.Module:
     """Every ``nn.Linear`` of ``model`` (the tied ``lm_head`` included) replaced, in place, by
-    ``wrap(linear)``."""
+    ``wrap(linear)``; what is left (the embedding, the norms) is copied into memory of its own.
+
+    The loaded weights are views of one copy-on-write mapping of the safetensors file, and
+    merging the LoRA adapters wrote into it. While any tensor views the mapping (the fp32
+    embedding does), none of its pages are returned: measured on the quick sft, the process
+    kept about 0.4 GB of fp32 linear weights it no longer used."""
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, torch.nn.Linear):
                 setattr(parent, name, wrap(child))
+    with torch.no_grad():
+        for tensor in list(model.parameters()) + list(model.buffers()):
+            tensor.data = tensor.data.clone()
     return model

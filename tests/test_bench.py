@@ -89,3 +89,16 @@ def test_answer_latency_times_other_engines_on_the_served_prompt(tiny):
     served = [tokenizer(prompt_text(tokenizer, build_messages(q, [])), add_special_tokens=False)["input_ids"]
               for q in questions]
     assert seen == [(ids, 6, 6) for ids in served]
+
+
+def test_status_mb_sees_memory_the_process_takes():
+    """The serving-memory probe reads this process's resident memory: 200 MB touched shows."""
+    import numpy as np
+
+    from pipeline.bench.memory import status_mb
+
+    before = status_mb()
+    block = np.ones(200 * 2**20, dtype=np.uint8)  # written, so resident
+    after = status_mb()
+    assert 180 < after["rss_mb"] - before["rss_mb"] < 260, (before, after)
+    assert after["peak_mb"] >= after["rss_mb"] and block.sum() == block.size

@@ -26,7 +26,7 @@ def main(argv=None) -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 1_000_000])
     parser.add_argument("--hnsw-max", type=int, default=200_000, help="largest collection given an HNSW index")
     parser.add_argument("--variant", default="sft", help="model for the generation bench (falls back to base)")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["embedding", "index", "generation", "answers", "concurrency"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["embedding", "index", "generation", "answers", "concurrency", "memory"])
     parser.add_argument("--answers", type=int, default=20, help="eval questions timed end to end")
     parser.add_argument("--onnx", nargs="*", default=["int4", "int8"],
                         help="onnxruntime-genai precisions timed beside transformers (none: skip; needs the onnx extra)")
@@ -43,6 +43,8 @@ def main(argv=None) -> None:
                              "--answers-numeric path (0 = leave its rows out)")
     parser.add_argument("--concurrency-lookup", type=int, nargs="+", default=[LOOKUP_TOKENS, 0],
                         help="the batcher's prompt lookup settings the concurrent-clients section times")
+    parser.add_argument("--memory-numeric", nargs="+", default=["fp32", "int8-decode"],
+                        help="numeric paths whose serving memory is measured, each in a fresh process")
     parser.add_argument("--out", default="bench", help="report name: reports/<out>.json and .md")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -82,6 +84,15 @@ def main(argv=None) -> None:
             hybrid.append(time.perf_counter() - started)
         report["hybrid_query_on_project_index"] = {"chunks": len(retriever.chunks), **retrieval._percentiles(hybrid)}
         report["peak_rss_mb_after_index_bench"] = peak_rss_mb()
+    if "memory" not in args.skip:  # first: fresh processes, measured before this one grows
+        from pipeline.bench import memory
+
+        variant = args.variant if artifacts.meta(args.variant) else "base"
+        rows = [memory.measure(args.profile, path, variant, [r.question for r in answerable[:2]])
+                for path in args.memory_numeric]
+        for row in rows:
+            row["rss_vs_first"] = round(row["rss_mb"] / rows[0]["rss_mb"], 2)
+        report["memory"] = {"variant": variant, "rows": rows}
     if not {"generation", "answers", "concurrency"} <= set(args.skip):  # one load serves these sections
         from pipeline.training import load_variant
 
@@ -249,6 +260,13 @@ def render(report: dict) -> str:
                   "prompt lookup decoding, shared by the rows decoding together (0 = off; the service's "
                   f"default is {LOOKUP_TOKENS}).", ""]
         lines += _table(c["rows"]) + [""]
+    if "memory" in report:
+        m = report["memory"]
+        lines += [f"## Serving memory ({m['variant']} variant)", "",
+                  "Each numeric path in a fresh process (pipeline/bench/memory.py): the service's engine "
+                  "answers two held-out questions by copy decoding and one freely, then reads its "
+                  "`/proc/self/status` (VmRSS resident, VmHWM peak).", ""]
+        lines += _table(m["rows"]) + [""]
     if "peak_rss_mb" in report:
         lines += [f"Peak resident memory of the bench process: {report['peak_rss_mb']} MB.", ""]
     return "\n".join(lines)
