@@ -19,27 +19,25 @@ class Shown(NamedTuple):
     question: str
     replies: list[str]  # "<sentence> [n]." in prompt order
     headings: list[str]  # each reply's passage heading (document title > section)
-    before: list[str]  # the sentence shown before each reply in its passage ("" for a passage's first)
 
 
 def candidates(messages: list[dict]) -> Shown:
     """The question and the replies of a prompt built by pipeline.prompt.build_messages: each
-    shown sentence cited to its passage, in prompt order, with its passage's heading and the
-    sentence shown before it there. No passages: no replies."""
+    shown sentence cited to its passage, in prompt order, with its passage's heading. No
+    passages: no replies."""
     text = messages[-1]["content"]
     if not text.startswith("Passages:\n") or "\n\nQuestion: " not in text:
-        return Shown(text.strip(), [], [], [])
+        return Shown(text.strip(), [], [])
     shown, question = text.rsplit("\n\nQuestion: ", 1)
     lines = shown.split("\n")
-    replies, headings, before = [], [], []
+    replies, headings = [], []
     for line, body in zip(lines, lines[1:]):
         match = _HEADING.match(line)
         if match:
             sentences = split_sentences(body)
             replies += [cite(s, int(match.group(1))) for s in sentences]
             headings += [match.group(2)] * len(sentences)
-            before += [""] + sentences[:-1]
-    return Shown(question.strip(), replies, headings, before)
+    return Shown(question.strip(), replies, headings)
 
 
 def word_overlap(question: str, sentence: str) -> float:

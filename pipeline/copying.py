@@ -87,12 +87,12 @@ def featurize(model, tokenizer, embedder, reader, messages: list[dict], with_mod
     """The candidates of one prompt and their features. A selector that does not read a
     feature need not pay for it: ``reader`` None leaves ``reader_score`` at 0, ``with_model``
     False the variant's ``question_likelihood``."""
-    question, replies, headings, before = candidates(messages)
+    question, replies, headings = candidates(messages)
     if not replies:
         return Candidates(question, [], np.zeros((0, len(FEATURES))))
     sentences = [strip_citations(r) for r in replies]
     vectors = embedder.encode([question] + sentences)
-    columns = [reader.scores(question, sentences, headings, before) if reader is not None else [0.0] * len(replies),
+    columns = [reader.scores(question, sentences, headings) if reader is not None else [0.0] * len(replies),
                [word_overlap(question, s) for s in sentences],
                (vectors[1:] @ vectors[0]).tolist(),
                [cited_numbers(r)[0] for r in replies],

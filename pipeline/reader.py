@@ -16,9 +16,7 @@ How it was chosen, on the train split only: trained on half of the questions out
 scored on the other half (261 answerable, 361 in all), its best sentence held the facts for
 177 (2 epochs, sentence alone), 199 (2 epochs, after the heading), 207 (2 epochs, heading, the
 dataset stage's RAFT prompts added: twice the pairs) and 209 (4 epochs, heading); its best
-score told silent questions apart at AUC 0.947, 0.970, 0.961 and 0.972. As a LoRA adapter
-(session 9) it picked 210 at AUC 0.969; reading the sentence shown before each candidate as
-well (``context``), 211 at AUC 0.974 (reports/reader-holdout.json).
+score told silent questions apart at AUC 0.947, 0.970, 0.961 and 0.972.
 """
 from __future__ import annotations
 
@@ -44,19 +42,12 @@ class ReaderSettings:
     warmup: float = 0.1  # share of the steps
     max_length: int = 128  # tokens of (question, sentence); longer pairs are cut
     seed: int = 0
-    # Also read the sentence shown before ("This mismatch is called exposure bias" after the
-    # sentence that names the mismatch). Held-out half: 211 of 261 right, silence AUC 0.974,
-    # against 210 and 0.969 without; its pairs are longer, so training takes 1.7x as long.
-    context: bool = True
 
 
-def reader_input(heading: str, sentence: str, before: str = "") -> str:
+def reader_input(heading: str, sentence: str) -> str:
     """What the reader reads of a candidate: the sentence after its passage's heading, so "It
-    picks merges that ..." is read as being about WordPiece, and, when given, the sentence
-    shown before it, so "This mismatch is called exposure bias" carries its antecedent. The
-    context comes last: a pair over ``max_length`` loses it first."""
-    text = f"{heading}: {sentence}" if heading else sentence
-    return f"{text} | Before: {before}" if before else text
+    picks merges that ..." is read as being about WordPiece."""
+    return f"{heading}: {sentence}" if heading else sentence
 
 
 def cross_encoder(start_from: str, max_length: int):
@@ -81,23 +72,19 @@ class Reader:
 
             raise MissingArtifact(f"no reader at {folder}; build it: python -m pipeline run --only reader")
         settings = json.loads((folder / SETTINGS_FILE).read_text())
-        self.context = bool(settings.get("context", False))  # readers trained before the option read none
         self.model = cross_encoder(settings["start_from"], settings["max_length"])
         self.model[0].model = PeftModel.from_pretrained(self.model[0].model, str(folder / ADAPTER_DIR)).merge_and_unload()
         self.model.eval()
 
-    def scores(self, question: str, sentences: list[str], headings: list[str] | None = None,
-               before: list[str] | None = None) -> np.ndarray:
-        """One logit per sentence (read after its passage's heading and, for a reader trained
-        with context, with the sentence shown before it, when given): high when it answers the
-        question."""
+    def scores(self, question: str, sentences: list[str], headings: list[str] | None = None) -> np.ndarray:
+        """One logit per sentence (read after its passage's heading, when given): high when it
+        answers the question."""
         import torch
 
         if not sentences:
             return np.zeros(0)
         headings = headings or [""] * len(sentences)
-        before = before if self.context and before else [""] * len(sentences)
-        pairs = [(question, reader_input(h, s, b)) for h, s, b in zip(headings, sentences, before)]
+        pairs = [(question, reader_input(h, s)) for h, s in zip(headings, sentences)]
         return np.asarray(self.model.predict(pairs, batch_size=64,
                                              activation_fn=torch.nn.Identity(), show_progress_bar=False),
                           dtype=np.float64)
@@ -118,10 +105,9 @@ def served_candidates(record, retriever):
     return candidates(served_messages(record, retriever))
 
 
-def labelled_pairs(records, retriever, context: bool = False) -> list[tuple[str, str, float]]:
-    """(question, shown sentence after its heading, with the sentence before it if ``context``,
-    1.0 if it holds every fact) for each record, its passages retrieved and cut as the service
-    does (pipeline.prompt.build_messages)."""
+def labelled_pairs(records, retriever) -> list[tuple[str, str, float]]:
+    """(question, shown sentence after its heading, 1.0 if it holds every fact) for each
+    record, its passages retrieved and cut as the service does (pipeline.prompt.build_messages)."""
     from pipeline.candidates import right
     from pipeline.prompt import strip_citations
 
@@ -129,9 +115,8 @@ def labelled_pairs(records, retriever, context: bool = False) -> list[tuple[str,
     for record in records:
         shown = served_candidates(record, retriever)
         facts = record.facts if record.answerable else None
-        before = shown.before if context else [""] * len(shown.replies)
-        pairs += [(shown.question, reader_input(h, strip_citations(r), b), float(facts is not None and right(r, facts)))
-                  for r, h, b in zip(shown.replies, shown.headings, before)]
+        pairs += [(shown.question, reader_input(h, strip_citations(r)), float(facts is not None and right(r, facts)))
+                  for r, h in zip(shown.replies, shown.headings)]
     return pairs
 
 
@@ -169,7 +154,6 @@ def train(pairs: list[tuple[str, str, float]], start_from: str, out_dir: Path, s
     started = time.time()
     result = CrossEncoderTrainer(model=model, args=args, train_dataset=data, loss=loss).train()
     model[0].model.save_pretrained(str(out_dir / ADAPTER_DIR))
-    (out_dir / SETTINGS_FILE).write_text(json.dumps({"start_from": start_from, "max_length": settings.max_length,
-                                                     "context": settings.context}))
+    (out_dir / SETTINGS_FILE).write_text(json.dumps({"start_from": start_from, "max_length": settings.max_length}))
     return {"train_pairs": len(pairs), "train_positives": int(positives), "steps": result.global_step,
             "train_loss": round(result.training_loss, 4), "train_seconds": round(time.time() - started, 1)}

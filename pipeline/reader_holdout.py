@@ -37,7 +37,7 @@ def holdout(cfg) -> dict:
     retriever = Retriever(index, cfg.retrieval)
     embedder = json.loads((index / "manifest.json").read_text())["embedder"]
     with tempfile.TemporaryDirectory(prefix="reader-holdout-") as folder:
-        trained = train(labelled_pairs(fit, retriever, cfg.reader.context), embedder, Path(folder), cfg.reader)
+        trained = train(labelled_pairs(fit, retriever), embedder, Path(folder), cfg.reader)
         report = dev_report(Reader(Path(folder)), scored, retriever)
     return {"trained_on": len(fit), **trained,
             **{key.replace("dev_", "held_out_", 1): value for key, value in report.items()}}

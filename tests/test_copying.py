@@ -21,13 +21,11 @@ PASSAGES = [P("Adam", "Adam uses beta1 = 0.9 and beta2 = 0.999. It was proposed 
 
 
 def test_candidates_are_the_shown_sentences_cited_to_their_passage():
-    question, replies, headings, before = candidates(
-        build_messages("What value of p did the dropout paper use?", PASSAGES))
+    question, replies, headings = candidates(build_messages("What value of p did the dropout paper use?", PASSAGES))
     assert question == "What value of p did the dropout paper use?"
     assert replies == ["Adam uses beta1 = 0.9 and beta2 = 0.999 [1].", "It was proposed in 2014 [1].",
                        "Dropout zeroes units with probability p [2].", "The paper used p = 0.5 [2]."]
     assert headings == ["Adam", "Adam", "Dropout", "Dropout"]
-    assert before == ["", "Adam uses beta1 = 0.9 and beta2 = 0.999.", "", "Dropout zeroes units with probability p."]
     assert candidates(build_messages("hello", []))[1] == []
 
 
@@ -110,11 +108,10 @@ class LengthReader:
     """A reader stand-in: scores a sentence by its length, so each column can be checked."""
 
     def __init__(self):
-        self.headings, self.before = [], []
+        self.headings = []
 
-    def scores(self, question, sentences, headings, before):
+    def scores(self, question, sentences, headings):
         self.headings.append(headings)
-        self.before.append(before)
         return np.array([float(len(s)) for s in sentences])
 
 
@@ -127,7 +124,6 @@ def test_featurize_scores_every_candidate_with_the_reader_and_the_model():
     reader = LengthReader()
     c = copying.featurize(model, tokenizer, OverlapEmbedder(), reader, messages)
     assert reader.headings == [["Adam", "Adam", "Dropout", "Dropout"]], "the reader reads each passage's heading"
-    assert reader.before[0][1] == "Adam uses beta1 = 0.9 and beta2 = 0.999.", "and the sentence shown before"
     assert c.features.shape == (4, len(FEATURES))
     column = {name: c.features[:, i] for i, name in enumerate(FEATURES)}
     assert list(column["reader_score"]) == [len(strip_citations(r)) for r in c.replies]

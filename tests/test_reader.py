@@ -52,30 +52,6 @@ def test_the_reader_reads_the_passage_heading(tiny_bert, tmp_path):
     assert under_rate > under_model + 1.0, (under_rate, under_model)
 
 
-def test_a_context_reader_reads_the_sentence_shown_before(tiny_bert, tmp_path):
-    """"it was set to 0.1." answers after a sentence about the rate, not after one about the
-    model; a reader trained with ``context`` tells them apart and says so in reader.json."""
-    question, sentence = "what is the rate?", "it was set to 0.1."
-    about_rate, about_model = "the rate is about the answer.", "we tried a large model."
-    pairs = ([(question, reader_input("", sentence, about_rate), 1.0)] * 8
-             + [(question, reader_input("", sentence, about_model), 0.0)] * 8)
-    train(pairs, tiny_bert, tmp_path, ReaderSettings(epochs=30, batch_size=8, learning_rate=3e-3, warmup=0.0,
-                                                     max_length=32, context=True))
-    reader = Reader(tmp_path)
-    after_rate, after_model = reader.scores(question, [sentence, sentence], None, [about_rate, about_model])
-    assert reader.context and after_rate > after_model + 1.0, (after_rate, after_model)
-
-
-def test_a_reader_without_context_ignores_the_sentence_before(tiny_bert, tmp_path):
-    train([(question, s, float(s.startswith("it"))) for question, s in
-           [("what is the rate?", "it was set to 0.1."), ("what is the rate?", "we tried many.")] * 4],
-          tiny_bert, tmp_path, ReaderSettings(epochs=1, batch_size=8, warmup=0.0, max_length=32))
-    reader = Reader(tmp_path)
-    alone = reader.scores("what is the rate?", ["it was set to 0.1."])
-    with_before = reader.scores("what is the rate?", ["it was set to 0.1."], None, ["the model is large."])
-    assert not reader.context and alone[0] == with_before[0]
-
-
 def test_training_without_both_kinds_of_sentence_is_refused(tiny_bert, tmp_path):
     from pipeline.errors import UserError
 
@@ -118,9 +94,6 @@ def test_pairs_label_the_sentence_holding_every_fact_and_nothing_for_a_silent_qu
                      ("What rate was set?", "Rates: The paper used a large model .", 0.0),
                      ("Who wrote it?", "Rates: The rate was set to 0.1 .", 0.0),
                      ("Who wrote it?", "Rates: The paper used a large model .", 0.0)]
-    with_context = labelled_pairs([Record("What rate was set?", [["0.1"]])], FixedRetriever(passages), context=True)
-    assert [p[1] for p in with_context] == ["Rates: The rate was set to 0.1 .",
-                                            "Rates: The paper used a large model . | Before: The rate was set to 0.1."]
 
 
 def test_reader_holdout_halves_leave_out_dev_and_do_not_overlap():

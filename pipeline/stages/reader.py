@@ -45,9 +45,9 @@ def dev_report(reader, records, retriever) -> dict:
     reader_right = overlap_right = answerable = 0
     best, silent = [], []
     for record in records:
-        question, replies, headings, before = served_candidates(record, retriever)
+        question, replies, headings = served_candidates(record, retriever)
         sentences = [strip_citations(r) for r in replies]
-        scores = reader.scores(question, sentences, headings, before)
+        scores = reader.scores(question, sentences, headings)
         best.append(float(scores.max()) if len(scores) else -20.0)
         silent.append(not record.answerable)
         if record.answerable and replies:
@@ -73,6 +73,6 @@ def run(config: Config, ctx) -> dict:
     retriever = Retriever(ctx.parent("index"), cfg.retrieval)
     manifest = json.loads((ctx.parent("index") / "manifest.json").read_text())
     ctx.log.info("reader: labelling the shown sentences of %d train questions", len(used))
-    metrics = train(labelled_pairs(used, retriever, config.context), manifest["embedder"], ctx.out_dir, config)
+    metrics = train(labelled_pairs(used, retriever), manifest["embedder"], ctx.out_dir, config)
     ctx.log.info("reader: scoring the %d dev questions", len(dev))
     return {"train_questions": len(used), **metrics, **dev_report(Reader(ctx.out_dir), dev, retriever)}
