@@ -86,11 +86,15 @@ class Batcher:
         finally:
             request.abandoned.set()
 
-    def close(self) -> None:
-        """Stop the worker once the waiting requests are answered (the model is being unloaded)."""
+    def close(self, wait: float = 0.0) -> None:
+        """Stop the worker once the waiting requests are answered (the model is being unloaded);
+        wait up to ``wait`` seconds for it to finish (a process about to exit must: a worker
+        still inside a torch call while the interpreter shuts down aborts the process)."""
         with self._ready:
             self._closed = True
             self._ready.notify()
+        if wait and self._worker is not None:
+            self._worker.join(wait)
 
     def _admit(self, free: int, busy: bool) -> list[_Request] | None:
         """Up to ``free`` waiting requests (waiting for one when nothing is ``busy``); None when

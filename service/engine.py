@@ -109,6 +109,13 @@ class Engine:
                 self._models[variant] = load_variant(self.artifacts, variant, self.numeric)  # merged
             return self._models[variant]
 
+    def close(self, wait: float = 30.0) -> None:
+        """Stop every variant's decoding worker, waiting up to ``wait`` seconds for each."""
+        with self._load_lock:
+            batchers, self._batchers = list(self._batchers.values()), {}
+        for batcher in batchers:
+            batcher.close(wait)
+
     def batcher(self, variant: str) -> Batcher:
         """The variant's free-decoding queue (pipeline/batching.py), made on first use."""
         model, tokenizer = self.model(variant)

@@ -100,6 +100,15 @@ def test_waiting_requests_are_decoded_as_one_batch(tiny):
     assert [r.strip() for r in replies] == [alone(tiny, q, 10) for q in QUESTIONS]
 
 
+def test_close_with_a_wait_returns_once_the_worker_has_stopped(tiny):
+    """A process about to exit closes its batchers first: no worker is left inside a torch call."""
+    batcher = Batcher(*tiny)
+    list(batcher.stream(conversation(QUESTIONS[0]), GenerationSettings(max_new_tokens=4)))
+    assert batcher._worker.is_alive()
+    batcher.close(wait=10)
+    assert not batcher._worker.is_alive()
+
+
 def test_a_request_joins_replies_already_being_written(tiny):
     """Continuous batching: a request that arrives mid-reply joins the running batch at the next
     step, with its own sampling settings, and still gets the reply it would get alone."""

@@ -31,7 +31,9 @@ def serve_and_measure(profile: str, numeric: str, variant: str, questions: list[
     for question in questions:
         engine.answer(question, variant=variant)
     engine.answer(questions[0], variant=variant, settings=GenerationSettings(copy_decoding=False, max_new_tokens=40))
-    return {"numeric": numeric, "variant": variant, **status_mb()}
+    measured = status_mb()
+    engine.close()
+    return {"numeric": numeric, "variant": variant, **measured}
 
 
 def measure(profile: str, numeric: str, variant: str, questions: list[str]) -> dict:
