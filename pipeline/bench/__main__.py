@@ -84,10 +84,10 @@ def main(argv=None) -> None:
             hybrid.append(time.perf_counter() - started)
         report["hybrid_query_on_project_index"] = {"chunks": len(retriever.chunks), **retrieval._percentiles(hybrid)}
         report["peak_rss_mb_after_index_bench"] = peak_rss_mb()
+    variant = args.variant if artifacts.meta(args.variant) else "base"
     if "memory" not in args.skip:  # first: fresh processes, measured before this one grows
         from pipeline.bench import memory
 
-        variant = args.variant if artifacts.meta(args.variant) else "base"
         rows = [memory.measure(args.profile, path, variant, [r.question for r in answerable[:2]])
                 for path in args.memory_numeric]
         for row in rows:
@@ -96,7 +96,6 @@ def main(argv=None) -> None:
     if not {"generation", "answers", "concurrency"} <= set(args.skip):  # one load serves these sections
         from pipeline.training import load_variant
 
-        variant = args.variant if artifacts.meta(args.variant) else "base"
         model, tokenizer = load_variant(artifacts, variant)
     if "generation" not in args.skip:
         messages = generation.rag_prompt(retriever, tokenizer)
