@@ -1,6 +1,7 @@
 """What this CPU offers the numeric paths: read once from /proc/cpuinfo (Linux) or torch."""
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -33,11 +34,21 @@ def has_int8_dot_product() -> bool:
     return "avx512_vnni" in flags or "avx_vnni" in flags
 
 
+def capped_to_avx2() -> bool:
+    """Whether PyTorch's kernels are capped below AVX-512 by environment variables
+    (``ATEN_CPU_CAPABILITY=avx2`` for ATen, ``ONEDNN_MAX_CPU_ISA=AVX2`` for oneDNN, whose
+    kernels run bf16 matrix multiplies), as a run standing in for an AVX2-only CPU sets them."""
+    aten = os.environ.get("ATEN_CPU_CAPABILITY", "").lower()
+    onednn = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    return aten in ("default", "avx2") or onednn in ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2")
+
+
 def has_native_bf16() -> bool:
-    """bf16 matrix multiplies in hardware (AVX-512 BF16 or AMX). Without them PyTorch emulates
-    bf16 and a bf16 prefill is several times slower than fp32."""
+    """bf16 matrix multiplies in hardware (AVX-512 BF16 or AMX) that the kernels may use. Without
+    them, or with the kernels capped to AVX2, PyTorch emulates bf16 and a bf16 prefill is several
+    times slower than fp32."""
     flags = cpu_flags()
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return ("avx512_bf16" in flags or "amx_bf16" in flags) and not capped_to_avx2()
 
 
 def describe() -> str:

@@ -107,6 +107,22 @@ def test_the_served_default_follows_the_cpu(monkeypatch, bf16, vnni, expected):
     assert served_default() == expected
 
 
+@pytest.mark.parametrize("env", [{"ATEN_CPU_CAPABILITY": "avx2"}, {"ONEDNN_MAX_CPU_ISA": "AVX2"}])
+def test_kernels_capped_to_avx2_have_no_native_bf16(monkeypatch, env):
+    """A CPU with AVX-512 BF16 whose kernels are capped to AVX2 emulates bf16: the served default
+    is then fp32, not int8-decode with its (then slow) bf16 prompt path."""
+    from pipeline import cpu
+    from pipeline.numeric import served_default
+
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512_bf16", "avx512_vnni"}))
+    for name in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA"):
+        monkeypatch.delenv(name, raising=False)
+    assert cpu.has_native_bf16() and served_default() == "int8-decode"
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert not cpu.has_native_bf16() and served_default() == "fp32"
+
+
 @pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="malloc_trim is glibc's")
 def test_release_freed_memory_returns_holes_the_allocator_kept():
     """Freed blocks between live ones stay resident until trimmed (what a model conversion
