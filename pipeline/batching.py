@@ -8,6 +8,8 @@ all): it reads each one's prompt after the system turn (whose cache it keeps), a
 leaves when it ends. Each row keeps its own sampling settings, token cap, deadline and
 refusal decision (continuous batching, as in Orca, OSDI 2022). Greedy rows also guess their
 next tokens from their prompts (prompt lookup decoding, ``lookup_tokens``; DecodeBatch).
+The worker runs its decode steps with ``decode_threads`` intra-op threads (one by default:
+OpenMP regions started off the main thread cost far more with two; pipeline.numeric).
 """
 from __future__ import annotations
 
@@ -38,13 +40,16 @@ class Batcher:
     """One model's free-decoding queue and the worker thread that drains it in batches."""
 
     def __init__(self, model, tokenizer, max_batch: int = 8, max_waiting: int = 16, queue_timeout: float = 60.0,
-                 lookup_tokens: int | None = None):
+                 lookup_tokens: int | None = None, decode_threads: int | None = None):
         from pipeline.generation import LOOKUP_TOKENS
+        from pipeline.numeric import DECODE_THREADS
 
         self.model, self.tokenizer = model, tokenizer
         # greedy requests guess their next tokens from their prompts (prompt lookup decoding)
         self.lookup_tokens = LOOKUP_TOKENS if lookup_tokens is None else lookup_tokens
         self.max_batch, self.max_waiting, self.queue_timeout = max_batch, max_waiting, queue_timeout
+        # intra-op threads of a decode step (0: torch's count); the prompt is read with torch's count
+        self.decode_threads = DECODE_THREADS if decode_threads is None else decode_threads
         self._pending: list[_Request] = []
         self._ready = threading.Condition()
         self._worker: threading.Thread | None = None
@@ -131,6 +136,7 @@ class Batcher:
         import torch
 
         from pipeline.generation import DecodeBatch, PromptPrefix
+        from pipeline.numeric import intra_op_threads
 
         self.prefix = PromptPrefix.system_turn(self.model, self.tokenizer)
         self.batch = batch = DecodeBatch(self.model, self.tokenizer, self.prefix, self.lookup_tokens)
@@ -144,7 +150,8 @@ class Batcher:
                 if joining:
                     self.batch_sizes.append(len(batch.rows))
                 try:
-                    batch.step()
+                    with intra_op_threads(self.decode_threads):
+                        batch.step()
                 except Exception as err:  # every row of the batch hears of it; the worker lives on
                     for row in batch.rows:
                         row.emit(err)

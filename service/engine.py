@@ -64,7 +64,8 @@ class Engine:
                  retrieval: RetrievalSettings | None = None, max_concurrent: int = 1,
                  max_batch: int = 8, max_waiting: int = 16, queue_timeout: float = 60.0,
                  remote_url: str | None = None, remote_model: str | None = None,
-                 numeric: str = DEFAULT_NUMERIC, lookup_tokens: int | None = None):
+                 numeric: str = DEFAULT_NUMERIC, lookup_tokens: int | None = None,
+                 decode_threads: int | None = None):
         from pipeline.numeric import check_numeric_path
 
         self.numeric = check_numeric_path(numeric)
@@ -81,6 +82,7 @@ class Engine:
         self._batchers: dict[str, Batcher] = {}  # free decoding, batched across requests, per variant
         self.max_batch = max_batch
         self.lookup_tokens = lookup_tokens  # None: pipeline.generation.LOOKUP_TOKENS
+        self.decode_threads = decode_threads  # None: pipeline.numeric.DECODE_THREADS
         # One load at a time: concurrent from_pretrained calls (a variant and the embedder, from
         # two request threads) race on transformers' global loading state and can leave a
         # later model's tied weights on the meta device.
@@ -122,7 +124,8 @@ class Engine:
         with self._load_lock:
             if variant not in self._batchers:
                 self._batchers[variant] = Batcher(model, tokenizer, self.max_batch, self.max_waiting,
-                                                  self.queue_timeout, self.lookup_tokens)
+                                                  self.queue_timeout, self.lookup_tokens,
+                                                  self.decode_threads)
             return self._batchers[variant]
 
     @property

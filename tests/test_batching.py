@@ -307,3 +307,33 @@ def test_the_batcher_guesses_for_a_lone_request(tiny):
     reply = list(batcher.stream(conversation(QUESTIONS[1]), GenerationSettings(max_new_tokens=40)))[-1]
     assert reply.strip() == alone(tiny, QUESTIONS[1], 40)
     assert batcher.batch.steps < batcher.batch.step_tokens, "one step wrote several tokens"
+
+
+def test_decode_steps_run_with_the_decode_threads_and_prompts_with_torchs(tiny, monkeypatch):
+    """The worker reads each prompt with torch's thread count and decodes with ``decode_threads``
+    (OpenMP regions off the main thread cost far more with two threads); the reply is the same."""
+    import torch
+
+    from pipeline.generation import DecodeBatch
+
+    seen = {"join": set(), "step": set()}
+    join, step = DecodeBatch.join, DecodeBatch.step
+
+    def counted(kind, method):
+        def wrapper(self, *args):
+            seen[kind].add(torch.get_num_threads())
+            return method(self, *args)
+        return wrapper
+
+    monkeypatch.setattr(DecodeBatch, "join", counted("join", join))
+    monkeypatch.setattr(DecodeBatch, "step", counted("step", step))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        batcher = Batcher(*tiny, decode_threads=1)
+        reply = list(batcher.stream(conversation(QUESTIONS[1]), GenerationSettings(max_new_tokens=12)))[-1]
+        batcher.close(wait=10)
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == {"join": {2}, "step": {1}}
+    assert reply.strip() == alone(tiny, QUESTIONS[1], 12)
