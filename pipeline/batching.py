@@ -37,10 +37,15 @@ class _Request:
 
 
 class Batcher:
-    """One model's free-decoding queue and the worker thread that drains it in batches."""
+    """One model's free-decoding queue and the worker threads that drain it in batches.
+
+    With ``workers`` > 1, each worker decodes its own batch of up to ``max_batch / workers``
+    rows, in parallel with the others (one intra-op thread each by default, so two workers use
+    two cores); a request goes to an idle worker before it joins a busy one. Prompts are read
+    one at a time, with every thread."""
 
     def __init__(self, model, tokenizer, max_batch: int = 8, max_waiting: int = 16, queue_timeout: float = 60.0,
-                 lookup_tokens: int | None = None, decode_threads: int | None = None):
+                 lookup_tokens: int | None = None, decode_threads: int | None = None, workers: int = 1):
         from pipeline.generation import LOOKUP_TOKENS
         from pipeline.numeric import DECODE_THREADS
 
@@ -52,14 +57,18 @@ class Batcher:
         self.decode_threads = DECODE_THREADS if decode_threads is None else decode_threads
         self._pending: list[_Request] = []
         self._ready = threading.Condition()
-        self._worker: threading.Thread | None = None
+        self.workers = max(1, workers)
+        self._row_cap = -(-max_batch // self.workers)  # rows per worker
+        self._threads: list[threading.Thread] = []
+        self._waiting_workers = 0  # workers waiting for a request
+        self._prefill = threading.Lock()  # one worker reads prompts at a time
         self._closed = False
         self.idle = threading.Event()  # set while the worker waits for requests
         self.idle.set()
         self.batch_sizes: list[int] = []  # rows decoding after each admission, for tests and the bench
         self.min_new_tokens = 0  # the bench sets it to time fixed-length replies
-        self.batch = None  # the worker's DecodeBatch (its decode-step counters feed the bench)
-        self.prefix = None  # the system turn's cache, made by the worker on its first request
+        self.batches: list = [None] * self.workers  # each worker's DecodeBatch (its counters feed the bench)
+        self.prefix = None  # the system turn's cache, made on the first request
 
     def stream(self, messages: list[dict], settings, refusal_threshold: float | None = None) -> Iterator[str]:
         """Yield the growing reply; closing the generator drops the request at the next step.
@@ -72,9 +81,11 @@ class Batcher:
                 raise ServerBusy(f"{len(self._pending)} requests are already waiting; retry shortly")
             self._pending.append(request)
             self.idle.clear()
-            if self._worker is None:
-                self._worker = threading.Thread(target=self._work, name="batcher", daemon=True)
-                self._worker.start()
+            if not self._threads:
+                self._threads = [threading.Thread(target=self._work, args=(i,), name=f"batcher-{i}", daemon=True)
+                                 for i in range(self.workers)]
+                for thread in self._threads:
+                    thread.start()
             self._ready.notify()
         return self._replies(request)
 
@@ -97,19 +108,38 @@ class Batcher:
         still inside a torch call while the interpreter shuts down aborts the process)."""
         with self._ready:
             self._closed = True
-            self._ready.notify()
-        if wait and self._worker is not None:
-            self._worker.join(wait)
+            self._ready.notify_all()
+        deadline = time.monotonic() + wait
+        for thread in self._threads if wait else []:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    @property
+    def batch(self):
+        """The first worker's DecodeBatch (the only one with ``workers`` = 1)."""
+        return self.batches[0]
+
+    def decode_counters(self) -> tuple[int, float, int]:
+        """Decode steps, seconds in them and tokens they wrote, summed over the workers (seconds
+        of workers decoding at once add up, so tokens / seconds understates parallel workers)."""
+        batches = [b for b in self.batches if b is not None]
+        return (sum(b.steps for b in batches), sum(b.step_seconds for b in batches),
+                sum(b.step_tokens for b in batches))
 
     def _admit(self, free: int, busy: bool) -> list[_Request] | None:
         """Up to ``free`` waiting requests (waiting for one when nothing is ``busy``); None when
         closed with nothing left to do."""
         with self._ready:
             while not self._pending and not busy and not self._closed:
-                self.idle.set()
+                self._waiting_workers += 1
+                if self._waiting_workers == self.workers:
+                    self.idle.set()
                 self._ready.wait()
+                self._waiting_workers -= 1
             if not self._pending and not busy:
                 return None
+            others_idle = self._idle_workers() - (0 if busy else 1)
+            if busy and others_idle:  # an idle worker takes what waits
+                return []
             self.idle.clear()
             now, kept = time.monotonic(), []
             for request in self._pending:  # too old, or gone before its turn
@@ -120,8 +150,15 @@ class Batcher:
                                                "retry shortly"))
                     continue
                 kept.append(request)
+            if others_idle:  # leave the other idle workers their share
+                free = min(free, -(-len(kept) // (others_idle + 1)))
             self._pending = kept[free:]
             return kept[:free]
+
+    def _idle_workers(self) -> int:
+        """Live workers without rows (about to take requests, or waiting for them)."""
+        return sum(1 for thread, batch in zip(self._threads, self.batches)
+                   if thread.is_alive() and (batch is None or not batch.rows))
 
     def _row(self, request: _Request):
         from pipeline.generation import Row, prompt_text
@@ -132,22 +169,25 @@ class Batcher:
                    request.refusal_threshold, self.min_new_tokens, request.arrived + s.deadline_seconds,
                    request.abandoned)
 
-    def _work(self) -> None:
+    def _work(self, index: int) -> None:
         import torch
 
         from pipeline.generation import DecodeBatch, PromptPrefix
         from pipeline.numeric import intra_op_threads
 
-        self.prefix = PromptPrefix.system_turn(self.model, self.tokenizer)
-        self.batch = batch = DecodeBatch(self.model, self.tokenizer, self.prefix, self.lookup_tokens)
+        with self._prefill:
+            if self.prefix is None:
+                self.prefix = PromptPrefix.system_turn(self.model, self.tokenizer)
+        self.batches[index] = batch = DecodeBatch(self.model, self.tokenizer, self.prefix, self.lookup_tokens)
         with torch.inference_mode():
-            while (joining := self._admit(self.max_batch - len(batch.rows), bool(batch.rows))) is not None:
-                for request in joining:
-                    try:
-                        batch.join(self._row(request))
-                    except Exception as err:  # this request hears of it; the others go on
-                        request.out.put(err)
+            while (joining := self._admit(self._row_cap - len(batch.rows), bool(batch.rows))) is not None:
                 if joining:
+                    with self._prefill:
+                        for request in joining:
+                            try:
+                                batch.join(self._row(request))
+                            except Exception as err:  # this request hears of it; the others go on
+                                request.out.put(err)
                     self.batch_sizes.append(len(batch.rows))
                 try:
                     with intra_op_threads(self.decode_threads):
@@ -155,4 +195,5 @@ class Batcher:
                 except Exception as err:  # every row of the batch hears of it; the worker lives on
                     for row in batch.rows:
                         row.emit(err)
-                    self.batch = batch = DecodeBatch(self.model, self.tokenizer, self.prefix, self.lookup_tokens)
+                    self.batches[index] = batch = DecodeBatch(self.model, self.tokenizer, self.prefix,
+                                                              self.lookup_tokens)

@@ -89,6 +89,9 @@ def release_freed_memory() -> None:
 # with 1; the batcher's int8-decode steps took 54 ms with 2 threads against 25 ms with 1
 # (README, Results, speed). The prompt is still read with every thread.
 DECODE_THREADS = 1
+# Decode workers of the service's batcher: each decodes its own batch, with DECODE_THREADS
+# threads, in parallel with the others (pipeline/batching.py).
+DECODE_WORKERS = 1
 
 
 @contextmanager

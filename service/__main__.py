@@ -22,7 +22,7 @@ from pipeline.data.feedback import FeedbackStore
 from pipeline.errors import UserError
 from pipeline.cpu import describe
 from pipeline.generation import LOOKUP_TOKENS
-from pipeline.numeric import DECODE_THREADS, NUMERIC_PATHS, served_default
+from pipeline.numeric import DECODE_THREADS, DECODE_WORKERS, NUMERIC_PATHS, served_default
 from service.engine import DEFAULT_NUMERIC
 
 NEEDED = ("base", "index")
@@ -138,6 +138,9 @@ def main(argv=None) -> int:
     parser.add_argument("--decode-threads", type=int, default=None,
                         help=f"intra-op threads of each decode step (0 = torch's count, as the prompt "
                              f"is read; default {DECODE_THREADS}: the worker thread's steps are faster so)")
+    parser.add_argument("--decode-workers", type=int, default=None,
+                        help=f"worker threads decoding batches in parallel, up to max-batch / workers rows "
+                             f"each (default {DECODE_WORKERS})")
     parser.add_argument("--queue-timeout", type=float, default=60.0,
                         help="seconds an API request may wait for the model before a 429")
     parser.add_argument("--profile", default="quick")
@@ -160,7 +163,8 @@ def main(argv=None) -> int:
         engine = Engine(cfg.paths.resolve("artifacts"), index_dir, cfg.retrieval,
                         remote_url=args.remote, remote_model=args.remote_model, numeric=numeric,
                         max_batch=args.max_batch, max_waiting=args.max_waiting, queue_timeout=args.queue_timeout,
-                        lookup_tokens=args.lookup_tokens, decode_threads=args.decode_threads)
+                        lookup_tokens=args.lookup_tokens, decode_threads=args.decode_threads,
+                        decode_workers=args.decode_workers)
         engine.retriever  # load now, so a corrupt index fails before the server starts
         library = make_library(cfg, args, engine)
         variant = choose_variant(args.variant, engine.artifacts)

@@ -13,6 +13,7 @@ from typing import Iterator, Sequence
 
 from pipeline.artifacts import Artifacts
 from pipeline.errors import UserError
+from pipeline.numeric import DECODE_WORKERS
 from pipeline.prompt import build_messages, fit_history, retrieval_query
 from pipeline.retrieval.settings import RetrievalSettings
 from pipeline.training import load_variant
@@ -65,7 +66,7 @@ class Engine:
                  max_batch: int = 8, max_waiting: int = 16, queue_timeout: float = 60.0,
                  remote_url: str | None = None, remote_model: str | None = None,
                  numeric: str = DEFAULT_NUMERIC, lookup_tokens: int | None = None,
-                 decode_threads: int | None = None):
+                 decode_threads: int | None = None, decode_workers: int | None = None):
         from pipeline.numeric import check_numeric_path
 
         self.numeric = check_numeric_path(numeric)
@@ -83,6 +84,7 @@ class Engine:
         self.max_batch = max_batch
         self.lookup_tokens = lookup_tokens  # None: pipeline.generation.LOOKUP_TOKENS
         self.decode_threads = decode_threads  # None: pipeline.numeric.DECODE_THREADS
+        self.decode_workers = decode_workers  # None: pipeline.numeric.DECODE_WORKERS
         # One load at a time: concurrent from_pretrained calls (a variant and the embedder, from
         # two request threads) race on transformers' global loading state and can leave a
         # later model's tied weights on the meta device.
@@ -125,7 +127,8 @@ class Engine:
             if variant not in self._batchers:
                 self._batchers[variant] = Batcher(model, tokenizer, self.max_batch, self.max_waiting,
                                                   self.queue_timeout, self.lookup_tokens,
-                                                  self.decode_threads)
+                                                  self.decode_threads,
+                                                  self.decode_workers or DECODE_WORKERS)
             return self._batchers[variant]
 
     @property

@@ -104,9 +104,9 @@ def test_close_with_a_wait_returns_once_the_worker_has_stopped(tiny):
     """A process about to exit closes its batchers first: no worker is left inside a torch call."""
     batcher = Batcher(*tiny)
     list(batcher.stream(conversation(QUESTIONS[0]), GenerationSettings(max_new_tokens=4)))
-    assert batcher._worker.is_alive()
+    assert all(t.is_alive() for t in batcher._threads)
     batcher.close(wait=10)
-    assert not batcher._worker.is_alive()
+    assert not any(t.is_alive() for t in batcher._threads)
 
 
 def test_a_request_joins_replies_already_being_written(tiny):
@@ -337,3 +337,29 @@ def test_decode_steps_run_with_the_decode_threads_and_prompts_with_torchs(tiny, 
         torch.set_num_threads(threads)
     assert seen == {"join": {2}, "step": {1}}
     assert reply.strip() == alone(tiny, QUESTIONS[1], 12)
+
+
+def test_two_workers_decode_two_requests_in_parallel_batches(tiny):
+    """With two workers, a request goes to the idle worker rather than joining the busy one's
+    batch; each reply is the one decoded alone, and closing stops both workers."""
+    import threading
+
+    batcher = Batcher(*tiny, max_batch=8, workers=2)
+    settings = GenerationSettings(max_new_tokens=30)
+    replies = {}
+
+    def ask(question, stream):
+        replies[question] = list(stream)[-1]
+
+    with batcher._ready:  # both wait before either worker takes one
+        streams = [batcher.stream(conversation(q), settings) for q in QUESTIONS[:2]]
+    askers = [threading.Thread(target=ask, args=(q, s)) for q, s in zip(QUESTIONS[:2], streams)]
+    for asker in askers:
+        asker.start()
+    for asker in askers:
+        asker.join(60)
+    assert sorted(batcher.batch_sizes) == [1, 1], batcher.batch_sizes
+    assert all(b is not None and b.steps > 0 for b in batcher.batches), "both workers decoded"
+    assert {q: r.strip() for q, r in replies.items()} == {q: alone(tiny, q, 30) for q in QUESTIONS[:2]}
+    batcher.close(wait=10)
+    assert not any(t.is_alive() for t in batcher._threads)

@@ -13,7 +13,7 @@ import resource
 from pipeline.artifacts import Artifacts
 from pipeline.config import load_config
 from pipeline.generation import LOOKUP_TOKENS
-from pipeline.numeric import DECODE_THREADS
+from pipeline.numeric import DECODE_THREADS, DECODE_WORKERS
 from pipeline.numeric import served_default, to_numeric_path
 
 
@@ -47,6 +47,8 @@ def main(argv=None) -> None:
     parser.add_argument("--decode-threads", type=int, nargs="+", default=[DECODE_THREADS],
                         help="the batcher's decode-step intra-op threads the concurrent-clients section times "
                              "(0 = torch's count)")
+    parser.add_argument("--decode-workers", type=int, nargs="+", default=[DECODE_WORKERS],
+                        help="the batcher's decode workers the concurrent-clients section times")
     parser.add_argument("--memory-numeric", nargs="+", default=["fp32", "int8-decode"],
                         help="numeric paths whose serving memory is measured, each in a fresh process")
     parser.add_argument("--out", default="bench", help="report name: reports/<out>.json and .md")
@@ -143,9 +145,10 @@ def main(argv=None) -> None:
             path_model = model if path == "fp32" else to_numeric_path(copy.deepcopy(model), path)
             for lookup in args.concurrency_lookup:
                 for threads in args.decode_threads:
-                    rows += [{"numeric": path, **row} for row in generation.concurrency(
-                        retriever, path_model, tokenizer, [r.question for r in answerable], args.clients,
-                        lookup_tokens=lookup, decode_threads=threads)]
+                    for workers in args.decode_workers:
+                        rows += [{"numeric": path, **row} for row in generation.concurrency(
+                            retriever, path_model, tokenizer, [r.question for r in answerable], args.clients,
+                            lookup_tokens=lookup, decode_threads=threads, workers=workers)]
         report["concurrency"] = {"variant": variant, "rows": rows}
         report["peak_rss_mb"] = peak_rss_mb()
     out = cfg.paths.resolve("reports")
@@ -263,7 +266,10 @@ def render(report: dict) -> str:
                   "time in decode steps (prompt reading left out). `lookup`: the guessed tokens of "
                   "prompt lookup decoding, shared by the rows decoding together (0 = off; the service's "
                   f"default is {LOOKUP_TOKENS}). `decode_threads`: the intra-op threads of the "
-                  f"batcher's decode steps (0 = torch's count; the service's default is {DECODE_THREADS}).",
+                  f"batcher's decode steps (0 = torch's count; the service's default is {DECODE_THREADS}); "
+                  f"`workers`: its decode workers, each decoding its own batch in parallel (the service's "
+                  f"default is {DECODE_WORKERS}). Decode tokens/s sums the workers' step times, so it "
+                  "understates parallel workers; aggregate tokens/s is wall time.",
                   ""]
         lines += _table(c["rows"]) + [""]
     if "memory" in report:

@@ -182,14 +182,15 @@ def answer_latency(retriever, paths: dict, tokenizer, selector, questions: list[
 
 def concurrency(retriever, model, tokenizer, questions: list[str], clients=(1, 4, 8), requests_each: int = 2,
                 new_tokens: int = 40, max_batch: int = 8, lookup_tokens: int = 0,
-                decode_threads: int | None = None) -> list[dict]:
+                decode_threads: int | None = None, workers: int = 1) -> list[dict]:
     """``clients`` threads, each asking ``requests_each`` questions one after another (retrieval,
     prompt, a fixed ``new_tokens``-token free-decoding reply) through the service's batcher
     (pipeline/batching.py). Per client count: p50/p95 latency, time to first token, and
     aggregate tokens/s (every token written / wall time) and decode tokens/s (tokens written by
     decode steps / time in decode steps: prompt reading left out). ``lookup_tokens`` is the
     batcher's prompt lookup (0 = off; rows decoding together share it, DecodeBatch);
-    ``decode_threads`` its decode steps' intra-op threads (None: the service's default, 0: torch's).
+    ``decode_threads`` its decode steps' intra-op threads (None: the service's default, 0: torch's),
+    ``workers`` its decode workers (each its own batch, in parallel).
     Each batcher answers one question before the clients start, untimed (the first request
     pays one-time costs: the system turn's cache, kernel set-up)."""
     from concurrent.futures import ThreadPoolExecutor
@@ -204,10 +205,10 @@ def concurrency(retriever, model, tokenizer, questions: list[str], clients=(1, 4
     rows = []
     for count in clients:
         batcher = Batcher(model, tokenizer, max_batch=max_batch, max_waiting=64, queue_timeout=600,
-                          lookup_tokens=lookup_tokens, decode_threads=decode_threads)
+                          lookup_tokens=lookup_tokens, decode_threads=decode_threads, workers=workers)
         batcher.min_new_tokens = new_tokens  # fixed-length replies: every client writes the same
         list(batcher.stream(build_messages(questions[-1], retriever.search(questions[-1])), settings))  # warm-up
-        warm_steps, warm_seconds, warm_tokens = batcher.batch.steps, batcher.batch.step_seconds, batcher.batch.step_tokens
+        warm_steps, warm_seconds, warm_tokens = batcher.decode_counters()
         batcher.batch_sizes.clear()
 
         def client(index: int) -> list[tuple[float, float, int]]:
@@ -226,9 +227,10 @@ def concurrency(retriever, model, tokenizer, questions: list[str], clients=(1, 4
             timings = [t for per_client in pool.map(client, range(count)) for t in per_client]
         wall = time.perf_counter() - started
         batcher.close()
-        steps, seconds = batcher.batch.steps - warm_steps, batcher.batch.step_seconds - warm_seconds
-        decoded = batcher.batch.step_tokens - warm_tokens
+        steps, seconds, decoded = (now - warm for now, warm in zip(batcher.decode_counters(),
+                                                                    (warm_steps, warm_seconds, warm_tokens)))
         rows.append({"clients": count, "lookup": lookup_tokens, "decode_threads": batcher.decode_threads,
+                     "workers": workers,
                      "requests": len(timings),
                      "latency_p50_s": round(statistics.median(t[0] for t in timings), 2),
                      "latency_p95_s": round(percentiles([t[0] for t in timings])["p95_ms"] / 1000, 2),
