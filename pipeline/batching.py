@@ -2,14 +2,17 @@
 
 A decode step of a 135M model reads every weight once whether it extends one reply or eight,
 so eight replies decoded together cost far less than eight decoded in turn (3.4x the decode
-throughput of one client on 2 AVX2 cores: reports/bench-serving.md). A worker thread owns the model and one ``pipeline.generation.DecodeBatch``. Requests wait in a bounded queue;
-between two decode steps the worker admits the waiting ones (up to ``max_batch`` rows in
-all): it reads each one's prompt after the system turn (whose cache it keeps), and the row joins the replies already being written. A row
-leaves when it ends. Each row keeps its own sampling settings, token cap, deadline and
-refusal decision (continuous batching, as in Orca, OSDI 2022). Greedy rows also guess their
-next tokens from their prompts (prompt lookup decoding, ``lookup_tokens``; DecodeBatch).
-The worker runs its decode steps with ``decode_threads`` intra-op threads (one by default:
-OpenMP regions started off the main thread cost far more with two; pipeline.numeric).
+throughput of one client on 2 AVX2 cores: reports/bench-serving.md). Worker threads
+(``workers``, two in the service) each own one ``pipeline.generation.DecodeBatch`` over the
+shared model. Requests wait in a bounded queue; between two decode steps a worker admits
+waiting ones (up to ``max_batch / workers`` rows; an idle worker before a busy one): it reads
+each one's prompt after the system turn (whose cache is kept), and the row joins the replies
+already being written. A row leaves when it ends. Each row keeps its own sampling settings,
+token cap, deadline and refusal decision (continuous batching, as in Orca, OSDI 2022).
+Greedy rows also guess their next tokens from their prompts (prompt lookup decoding,
+``lookup_tokens``; DecodeBatch). Workers run their decode steps with ``decode_threads``
+intra-op threads (one by default: OpenMP regions started off the main thread cost far more
+with two; pipeline.numeric), so two workers use two cores.
 """
 from __future__ import annotations
 

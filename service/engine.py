@@ -114,7 +114,7 @@ class Engine:
             return self._models[variant]
 
     def close(self, wait: float = 30.0) -> None:
-        """Stop every variant's decoding worker, waiting up to ``wait`` seconds for each."""
+        """Stop every variant's decoding workers, waiting up to ``wait`` seconds for each batcher."""
         with self._load_lock:
             batchers, self._batchers = list(self._batchers.values()), {}
         for batcher in batchers:
