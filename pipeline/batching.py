@@ -48,7 +48,10 @@ class Batcher:
     one at a time, with every thread."""
 
     def __init__(self, model, tokenizer, max_batch: int = 8, max_waiting: int = 16, queue_timeout: float = 60.0,
-                 lookup_tokens: int | None = None, decode_threads: int | None = None, workers: int = 1):
+                 lookup_tokens: int | None = None, decode_threads: int | None = None, workers: int = 1,
+                 prompt_threads: int | None = None):
+        import torch
+
         from pipeline.generation import LOOKUP_TOKENS
         from pipeline.numeric import DECODE_THREADS
 
@@ -58,6 +61,8 @@ class Batcher:
         self.max_batch, self.max_waiting, self.queue_timeout = max_batch, max_waiting, queue_timeout
         # intra-op threads of a decode step (0: torch's count); the prompt is read with torch's count
         self.decode_threads = DECODE_THREADS if decode_threads is None else decode_threads
+        # intra-op threads for reading prompts: the constructing thread's count unless given
+        self.prompt_threads = prompt_threads or torch.get_num_threads()
         self._pending: list[_Request] = []
         self._ready = threading.Condition()
         self.workers = max(1, workers)
@@ -176,8 +181,9 @@ class Batcher:
         import torch
 
         from pipeline.generation import DecodeBatch, PromptPrefix
-        from pipeline.numeric import intra_op_threads
+        from pipeline.numeric import intra_op_threads, use_threads
 
+        use_threads(self.prompt_threads)  # not whatever another worker's step left as the default
         with self._prefill:
             if self.prefix is None:
                 self.prefix = PromptPrefix.system_turn(self.model, self.tokenizer)

@@ -96,6 +96,16 @@ DECODE_THREADS = 1
 DECODE_WORKERS = 2
 
 
+def use_threads(count: int) -> None:
+    """Give this thread ``count`` intra-op threads. A thread's first torch call takes the count
+    last set anywhere (torch keeps one process-wide value for threads yet to start), which is
+    a decode worker's one during its steps; threads that serve requests set theirs first."""
+    import torch
+
+    if torch.get_num_threads() != count:
+        torch.set_num_threads(count)
+
+
 @contextmanager
 def intra_op_threads(count: int | None):
     """Run the block with ``count`` intra-op threads on this thread (torch.set_num_threads;

@@ -13,7 +13,7 @@ from typing import Iterator, Sequence
 
 from pipeline.artifacts import Artifacts
 from pipeline.errors import UserError
-from pipeline.numeric import DECODE_WORKERS
+from pipeline.numeric import DECODE_WORKERS, use_threads
 from pipeline.prompt import build_messages, fit_history, retrieval_query
 from pipeline.retrieval.settings import RetrievalSettings
 from pipeline.training import load_variant
@@ -85,6 +85,9 @@ class Engine:
         self.lookup_tokens = lookup_tokens  # None: pipeline.generation.LOOKUP_TOKENS
         self.decode_threads = decode_threads  # None: pipeline.numeric.DECODE_THREADS
         self.decode_workers = decode_workers  # None: pipeline.numeric.DECODE_WORKERS
+        import torch
+
+        self.threads = torch.get_num_threads()  # each request's thread uses this many (use_threads)
         # One load at a time: concurrent from_pretrained calls (a variant and the embedder, from
         # two request threads) race on transformers' global loading state and can leave a
         # later model's tied weights on the meta device.
@@ -128,7 +131,7 @@ class Engine:
                 self._batchers[variant] = Batcher(model, tokenizer, self.max_batch, self.max_waiting,
                                                   self.queue_timeout, self.lookup_tokens,
                                                   self.decode_threads,
-                                                  self.decode_workers or DECODE_WORKERS)
+                                                  self.decode_workers or DECODE_WORKERS, self.threads)
             return self._batchers[variant]
 
     @property
@@ -171,6 +174,7 @@ class Engine:
             yield Reply(EMPTY_MESSAGE_REPLY, [], variant)
             return
         settings = settings or GenerationSettings()
+        use_threads(self.threads)  # a decode worker's step may have left one as torch's default
         messages, passages, tokenizer, model = self.prepare(question, history, variant, use_retrieval)
         selector = self.selector(variant) if settings.copy_decoding and settings.temperature == 0 else None
         if not self.remote_url and not (selector is not None and passages):

@@ -330,7 +330,8 @@ def test_decode_steps_run_with_the_decode_threads_and_prompts_with_torchs(tiny, 
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        batcher = Batcher(*tiny, decode_threads=1)
+        batcher = Batcher(*tiny, decode_threads=1)  # prompts: this thread's 2
+        torch.set_num_threads(1)  # the default a new thread starts with, as during another worker's step
         reply = list(batcher.stream(conversation(QUESTIONS[1]), GenerationSettings(max_new_tokens=12)))[-1]
         batcher.close(wait=10)
     finally:
@@ -363,3 +364,30 @@ def test_two_workers_decode_two_requests_in_parallel_batches(tiny):
     assert {q: r.strip() for q, r in replies.items()} == {q: alone(tiny, q, 30) for q in QUESTIONS[:2]}
     batcher.close(wait=10)
     assert not any(t.is_alive() for t in batcher._threads)
+
+
+def test_a_thread_that_starts_during_a_decode_step_takes_its_count_back():
+    """torch gives a thread's first call the count last set anywhere: one started while a decode
+    step runs with one thread would keep one. Request threads call use_threads first."""
+    import threading
+
+    import torch
+
+    from pipeline.numeric import intra_op_threads, use_threads
+
+    threads, seen = torch.get_num_threads(), []
+    torch.set_num_threads(2)
+
+    def request_thread():
+        seen.append(torch.get_num_threads())
+        use_threads(2)
+        seen.append(torch.get_num_threads())
+
+    try:
+        with intra_op_threads(1):
+            late = threading.Thread(target=request_thread)
+            late.start()
+            late.join()
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == [1, 2]
