@@ -64,6 +64,19 @@ def test_answer_latency_times_each_numeric_path_from_the_question(tiny):
     assert guessed["lookup_replies_as_without"] == {"fp32": "1/1"}
 
 
+def test_answer_latency_times_the_served_path_through_the_batcher(tiny):
+    """A path named in ``batched`` gets a row timed through the service's batcher (its worker
+    threads), each question alone: the first token comes before the whole reply."""
+    from pipeline.bench.generation import answer_latency
+
+    model, tokenizer = tiny
+    report = answer_latency(NoPassages(), {"fp32": model}, tokenizer, None, ["Who proposed Adam?", "BM25?"],
+                            new_tokens=12, lookup_tokens=4, batched=["fp32"])
+    assert list(report["free"]) == ["fp32", "fp32 + prompt lookup (4)", "fp32 + prompt lookup (4), service's batcher"]
+    row = report["free"]["fp32 + prompt lookup (4), service's batcher"]
+    assert 0 < row["ttft_p50_ms"] < row["p50_ms"] <= row["p95_ms"]
+
+
 def test_answer_latency_times_other_engines_on_the_served_prompt(tiny):
     """An engine (pipeline/engines.py) is handed the whole served prompt as ids and asked for a
     fixed-length reply; its row sits beside the numeric paths'."""

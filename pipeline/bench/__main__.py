@@ -138,7 +138,8 @@ def main(argv=None) -> None:
         others = dict(e[:2] for e in (make_engine(n, artifacts, variant, tokenizer) for n in args.engines or []) if e)
         report["answers"] = {"variant": variant, **generation.answer_latency(
             retriever, paths, tokenizer, selector, [r.question for r in answerable[:args.answers]], reader=reader,
-            engines=others, lookup_tokens=args.lookup)}
+            engines=others, lookup_tokens=args.lookup,
+            batched=[name for name in paths if name == served_default()])}
     if "concurrency" not in args.skip:
         rows = []
         for path in args.concurrency_numeric:
@@ -245,7 +246,10 @@ def render(report: dict) -> str:
                   "answer, the system turn's cache reused (other engines read the whole prompt; llama.cpp "
                   "runs the base model); its time to first token counts retrieval and "
                   "the prompt too. Copy decoding (the served path for a variant with a selector, "
-                  "pipeline/copying.py) scores the shown sentences and returns one; it writes no tokens.", ""]
+                  "pipeline/copying.py) scores the shown sentences and returns one; it writes no tokens. "
+                  "Rows timed in this process's main thread, except \"service's batcher\": the served "
+                  "numeric path as the service runs it, in the batcher's worker threads (slower here: "
+                  "OpenMP regions started off the main thread cost more; README, Results, speed).", ""]
         rows = [{"path": f"free, {name}", **timing} for name, timing in a["free"].items()]
         if "copy_decoding" in a:
             rows.append({"path": f"copy decoding, {next(iter(a['free']))}", **a["copy_decoding"],

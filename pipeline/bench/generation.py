@@ -113,7 +113,7 @@ def greedy_ids(model, tokenizer, messages, new_tokens: int = 64, lookup_tokens: 
 
 
 def answer_latency(retriever, paths: dict, tokenizer, selector, questions: list[str], new_tokens: int = 40,
-                   reader=None, engines: dict | None = None, lookup_tokens: int = 0) -> dict:
+                   reader=None, engines: dict | None = None, lookup_tokens: int = 0, batched=()) -> dict:
     """End to end, per question (retrieval, prompt, reply), p50/p95 seconds: free greedy decoding
     of ``new_tokens`` tokens on each numeric path in ``paths`` (name -> model; the system turn's
     cache reused, as served) and on each other engine in ``engines`` (name -> generator with
@@ -121,7 +121,9 @@ def answer_latency(retriever, paths: dict, tokenizer, selector, questions: list[
     prompts (and reading each whole prompt, for comparison), against copy decoding
     (pipeline/copying.py, with ``reader``) on the first path's model. With ``lookup_tokens``,
     each path is timed with prompt lookup decoding too, and its replies compared with the same
-    path's without it."""
+    path's without it. Each path named in ``batched`` is timed once more as the service runs it:
+    through its batcher (pipeline/batching.py: worker threads, the service's decode threads and
+    workers), one question at a time."""
     import torch
 
     from pipeline.bench.retrieval import _percentiles as percentiles
@@ -151,6 +153,9 @@ def answer_latency(retriever, paths: dict, tokenizer, selector, questions: list[
                 whole.append(before_reply + _timed_reply(model, tokenizer, messages, 1)[0])  # no cached system turn
             report["free"][name] = {**percentiles(totals), "ttft_p50_ms": round(1000 * statistics.median(firsts), 1),
                                     "ttft_whole_prompt_p50_ms": round(1000 * statistics.median(whole), 1)}
+    for name in batched:
+        report["free"][f"{guessed(name) if lookup_tokens else name}, service's batcher"] = _batched_latency(
+            retriever, paths[name], tokenizer, questions, new_tokens, lookup_tokens)
     if lookup_tokens:  # each path's replies with prompt lookup against its own without
         report["lookup_replies_as_without"] = {
             name: f"{sum(a == b for a, b in zip(replies[name], replies[guessed(name)]))}/{len(questions)}"
@@ -178,6 +183,35 @@ def answer_latency(retriever, paths: dict, tokenizer, selector, questions: list[
             report["copy_decoding"] = percentiles(copied)
     report["new_tokens"] = new_tokens
     return report
+
+
+def _batched_latency(retriever, model, tokenizer, questions: list[str], new_tokens: int, lookup_tokens: int) -> dict:
+    """p50/p95 seconds and first-token p50 of each question answered alone through a fresh
+    service batcher (one untimed warm-up question first)."""
+    from types import SimpleNamespace
+
+    from pipeline.batching import Batcher
+    from pipeline.bench.retrieval import _percentiles as percentiles
+    from pipeline.numeric import DECODE_WORKERS
+    from pipeline.prompt import build_messages
+
+    settings = SimpleNamespace(temperature=0.0, top_p=0.9, repetition_penalty=1.0, max_new_tokens=new_tokens,
+                               deadline_seconds=600.0)
+    batcher = Batcher(model, tokenizer, lookup_tokens=lookup_tokens, workers=DECODE_WORKERS)
+    batcher.min_new_tokens = new_tokens
+    totals, firsts = [], []
+    try:
+        for n, question in enumerate([questions[0]] + list(questions)):
+            started, first = time.perf_counter(), None
+            for _ in batcher.stream(build_messages(question, retriever.search(question)), settings):
+                first = first or time.perf_counter() - started
+            if n:  # the first is the warm-up
+                totals.append(time.perf_counter() - started)
+                firsts.append(first)
+    finally:
+        batcher.close(wait=30)
+    ttft = round(1000 * statistics.median(firsts), 1)
+    return {**percentiles(totals), "ttft_p50_ms": ttft, "ttft_whole_prompt_p50_ms": ttft}
 
 
 def concurrency(retriever, model, tokenizer, questions: list[str], clients=(1, 4, 8), requests_each: int = 2,
