@@ -185,31 +185,41 @@ def answer_latency(retriever, paths: dict, tokenizer, selector, questions: list[
     return report
 
 
+def _greedy_settings(new_tokens: int):
+    """Batcher settings for a greedy free-decoding reply of up to ``new_tokens`` tokens."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(temperature=0.0, top_p=0.9, repetition_penalty=1.0, max_new_tokens=new_tokens,
+                           deadline_seconds=600.0)
+
+
+def _ask(batcher, retriever, question: str, settings) -> tuple[float, float, str]:
+    """One question through ``batcher`` (retrieval, prompt, reply): (seconds, seconds to the
+    first text, the reply)."""
+    from pipeline.prompt import build_messages
+
+    started, first, text = time.perf_counter(), None, ""
+    for text in batcher.stream(build_messages(question, retriever.search(question)), settings):
+        first = first or time.perf_counter() - started
+    return time.perf_counter() - started, first, text
+
+
 def _batched_latency(retriever, model, tokenizer, questions: list[str], new_tokens: int, lookup_tokens: int) -> dict:
     """p50/p95 seconds and first-token p50 of each question answered alone through a fresh
     service batcher (one untimed warm-up question first)."""
-    from types import SimpleNamespace
-
     from pipeline.batching import Batcher
     from pipeline.bench.retrieval import _percentiles as percentiles
     from pipeline.numeric import DECODE_WORKERS
-    from pipeline.prompt import build_messages
 
-    settings = SimpleNamespace(temperature=0.0, top_p=0.9, repetition_penalty=1.0, max_new_tokens=new_tokens,
-                               deadline_seconds=600.0)
+    settings = _greedy_settings(new_tokens)
     batcher = Batcher(model, tokenizer, lookup_tokens=lookup_tokens, workers=DECODE_WORKERS)
     batcher.min_new_tokens = new_tokens
-    totals, firsts = [], []
     try:
-        for n, question in enumerate([questions[0]] + list(questions)):
-            started, first = time.perf_counter(), None
-            for _ in batcher.stream(build_messages(question, retriever.search(question)), settings):
-                first = first or time.perf_counter() - started
-            if n:  # the first is the warm-up
-                totals.append(time.perf_counter() - started)
-                firsts.append(first)
+        _ask(batcher, retriever, questions[0], settings)  # warm-up
+        timed = [_ask(batcher, retriever, question, settings) for question in questions]
     finally:
         batcher.close(wait=30)
+    totals, firsts = [t[0] for t in timed], [t[1] for t in timed]
     ttft = round(1000 * statistics.median(firsts), 1)
     return {**percentiles(totals), "ttft_p50_ms": ttft, "ttft_whole_prompt_p50_ms": ttft}
 
@@ -228,32 +238,26 @@ def concurrency(retriever, model, tokenizer, questions: list[str], clients=(1, 4
     Each batcher answers one question before the clients start, untimed (the first request
     pays one-time costs: the system turn's cache, kernel set-up)."""
     from concurrent.futures import ThreadPoolExecutor
-    from types import SimpleNamespace
 
     from pipeline.batching import Batcher
     from pipeline.bench.retrieval import _percentiles as percentiles
-    from pipeline.prompt import build_messages
 
-    settings = SimpleNamespace(temperature=0.0, top_p=0.9, repetition_penalty=1.0, max_new_tokens=new_tokens,
-                               deadline_seconds=600.0)
+    settings = _greedy_settings(new_tokens)
     rows = []
     for count in clients:
         batcher = Batcher(model, tokenizer, max_batch=max_batch, max_waiting=64, queue_timeout=600,
                           lookup_tokens=lookup_tokens, decode_threads=decode_threads, workers=workers)
         batcher.min_new_tokens = new_tokens  # fixed-length replies: every client writes the same
-        list(batcher.stream(build_messages(questions[-1], retriever.search(questions[-1])), settings))  # warm-up
+        _ask(batcher, retriever, questions[-1], settings)  # warm-up
         warm_steps, warm_seconds, warm_tokens = batcher.decode_counters()
         batcher.batch_sizes.clear()
 
         def client(index: int) -> list[tuple[float, float, int]]:
             timings = []
             for n in range(requests_each):
-                question = questions[(index * requests_each + n) % len(questions)]
-                started, first, text = time.perf_counter(), None, ""
-                for text in batcher.stream(build_messages(question, retriever.search(question)), settings):
-                    first = first or time.perf_counter() - started
-                timings.append((time.perf_counter() - started, first,
-                                len(tokenizer(text, add_special_tokens=False)["input_ids"])))
+                seconds, first, text = _ask(batcher, retriever, questions[(index * requests_each + n) % len(questions)],
+                                            settings)
+                timings.append((seconds, first, len(tokenizer(text, add_special_tokens=False)["input_ids"])))
             return timings
 
         started = time.perf_counter()
