@@ -11,8 +11,9 @@ already being written. A row leaves when it ends. Each row keeps its own samplin
 token cap, deadline and refusal decision (continuous batching, as in Orca, OSDI 2022).
 Greedy rows also guess their next tokens from their prompts (prompt lookup decoding,
 ``lookup_tokens``; DecodeBatch). Workers run their decode steps with ``decode_threads``
-intra-op threads (one by default: OpenMP regions started off the main thread cost far more
-with two; pipeline.numeric), so two workers use two cores.
+intra-op threads (one by default), so two workers use two cores; prompts are read with every
+thread, on the thread that serves model calls when one does (pipeline/model_calls.py: a
+worker thread's own OpenMP pool would slow every region in the process).
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 from typing import Iterator
+
+from pipeline import model_calls
 
 
 class ServerBusy(Exception):
@@ -37,6 +40,14 @@ class _Request:
     arrived: float = field(default_factory=time.monotonic)
     out: queue.Queue = field(default_factory=queue.Queue)
     abandoned: threading.Event = field(default_factory=threading.Event)
+
+
+def _inference(fn, *args):
+    """``fn(*args)`` under torch.inference_mode (thread-local: the serving thread needs its own)."""
+    import torch
+
+    with torch.inference_mode():
+        return fn(*args)
 
 
 class Batcher:
@@ -186,7 +197,7 @@ class Batcher:
         use_threads(self.prompt_threads)  # not whatever another worker's step left as the default
         with self._prefill:
             if self.prefix is None:
-                self.prefix = PromptPrefix.system_turn(self.model, self.tokenizer)
+                self.prefix = model_calls.run(_inference, PromptPrefix.system_turn, self.model, self.tokenizer)
         self.batches[index] = batch = DecodeBatch(self.model, self.tokenizer, self.prefix, self.lookup_tokens)
         with torch.inference_mode():
             while (joining := self._admit(self._row_cap - len(batch.rows), bool(batch.rows))) is not None:
@@ -194,7 +205,7 @@ class Batcher:
                     with self._prefill:
                         for request in joining:
                             try:
-                                batch.join(self._row(request))
+                                model_calls.run(_inference, batch.join, self._row(request))
                             except Exception as err:  # this request hears of it; the others go on
                                 request.out.put(err)
                     self.batch_sizes.append(len(batch.rows))

@@ -82,12 +82,13 @@ def release_freed_memory() -> None:
         pass
 
 
-# Intra-op threads for the decode steps the service's worker thread runs (pipeline/batching.py).
-# OpenMP parallel regions that a thread other than the main one starts cost far more here: on a
-# 2-core AMD EPYC (AVX-512, bf16), one 576x1536 int8 linear on one token took 31 us from the
-# main thread with 2 threads, 98 us from another thread with 2 and 34 us from another thread
-# with 1; the batcher's int8-decode steps took 54 ms with 2 threads against 25 ms with 1
-# (README, Results, speed). The prompt is still read with every thread.
+# Intra-op threads for the decode steps the service's worker threads run (pipeline/batching.py).
+# A step with one thread starts no OpenMP region, so it adds no OpenMP pool to the process
+# (pipeline/model_calls.py says why a second pool slows every region): on a 2-core AMD EPYC
+# (AVX-512, bf16), one 576x1536 int8 linear on one token took 31 us from the main thread with
+# 2 threads, 98 us from another thread with 2 and 34 us from another thread with 1; the
+# batcher's int8-decode steps took 54 ms with 2 threads against 25 ms with 1 (README, Results,
+# speed). The prompt is still read with every thread, by the thread that serves model calls.
 DECODE_THREADS = 1
 # Decode workers of the service's batcher: each decodes its own batch, with DECODE_THREADS
 # threads, in parallel with the others (pipeline/batching.py). Two on that 2-core EPYC, with

@@ -174,8 +174,24 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"alignrag chat on http://{args.host}:{args.port}  (OpenAI API at /v1)", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    serve(uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")))
     return 0
+
+
+def serve(server) -> None:
+    """Run the web server in a thread while this thread, which loaded the models, runs every
+    multi-threaded model call (pipeline/model_calls.py); Ctrl-C or SIGTERM stops it."""
+    import signal
+
+    from pipeline import model_calls
+
+    def stop(*_):  # as uvicorn's own handler: a second signal stops without waiting for requests
+        server.force_exit = server.should_exit
+        server.should_exit = True
+
+    for received in (signal.SIGINT, signal.SIGTERM):  # uvicorn listens for them only on the main thread
+        signal.signal(received, stop)
+    model_calls.serve_while(server.run)
 
 
 if __name__ == "__main__":

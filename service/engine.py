@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from pipeline import model_calls
 from pipeline.artifacts import Artifacts
 from pipeline.errors import UserError
 from pipeline.numeric import DECODE_WORKERS, use_threads
@@ -175,7 +176,9 @@ class Engine:
             return
         settings = settings or GenerationSettings()
         use_threads(self.threads)  # a decode worker's step may have left one as torch's default
-        messages, passages, tokenizer, model = self.prepare(question, history, variant, use_retrieval)
+        # model calls (the query's embedding, a first load) run on the thread that serves them
+        messages, passages, tokenizer, model = model_calls.run(self.prepare, question, history, variant,
+                                                               use_retrieval)
         selector = self.selector(variant) if settings.copy_decoding and settings.temperature == 0 else None
         if not self.remote_url and not (selector is not None and passages):
             # free decoding: batched with other requests; the batcher bounds its own queue
@@ -269,15 +272,18 @@ class Engine:
 
     def _copy(self, messages, passages, tokenizer, model, variant, selector):
         """One reply: the shown sentence the selector picks, with its [n], or the refusal."""
-        import torch
-
         from pipeline.generation import prompt_text
+
+        text = model_calls.run(self._copied_text, messages, tokenizer, model, selector)
+        yield Reply(text, passages, variant, token_count(tokenizer, prompt_text(tokenizer, messages)),
+                    token_count(tokenizer, text))
+
+    def _copied_text(self, messages, tokenizer, model, selector) -> str:
+        import torch
 
         with torch.inference_mode():
             reader = self.reader() if selector.reads_reader else None
-            text = selector.answer(model, tokenizer, self.retriever.embedder, reader, messages)
-        yield Reply(text, passages, variant, token_count(tokenizer, prompt_text(tokenizer, messages)),
-                    token_count(tokenizer, text))
+            return selector.answer(model, tokenizer, self.retriever.embedder, reader, messages)
 
     def _generate(self, messages, passages, tokenizer, variant, settings):
         """Free decoding, streamed and batched with concurrent requests (pipeline/batching.py):

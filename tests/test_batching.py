@@ -391,3 +391,36 @@ def test_a_thread_that_starts_during_a_decode_step_takes_its_count_back():
     finally:
         torch.set_num_threads(threads)
     assert seen == [1, 2]
+
+
+def test_prompts_are_read_on_the_thread_that_serves_model_calls(tiny, monkeypatch):
+    """While a thread serves model calls (the service's main thread), the batcher's workers hand
+    it every prompt to read and keep only the one-thread decode steps; the reply is the same."""
+    import threading
+
+    from pipeline import model_calls
+    from pipeline.generation import DecodeBatch, PromptPrefix
+
+    seen = {"prefix": set(), "join": set(), "step": set()}
+    join, step, system_turn = DecodeBatch.join, DecodeBatch.step, PromptPrefix.system_turn
+
+    def recorded(kind, method):
+        def wrapper(*args):
+            seen[kind].add(threading.current_thread())
+            return method(*args)
+        return wrapper
+
+    monkeypatch.setattr(DecodeBatch, "join", recorded("join", join))
+    monkeypatch.setattr(DecodeBatch, "step", recorded("step", step))
+    monkeypatch.setattr(PromptPrefix, "system_turn", staticmethod(recorded("prefix", system_turn)))
+    batcher = Batcher(*tiny, workers=2)
+    settings = GenerationSettings(max_new_tokens=12)
+    try:
+        replies = model_calls.serve_while(
+            lambda: [list(batcher.stream(conversation(q), settings))[-1] for q in QUESTIONS[:2]])
+    finally:
+        batcher.close(wait=10)
+    here = threading.current_thread()
+    assert seen["prefix"] == {here} and seen["join"] == {here}
+    assert seen["step"] and here not in seen["step"], "decode steps stay in the workers"
+    assert [r.strip() for r in replies] == [alone(tiny, q, 12) for q in QUESTIONS[:2]]

@@ -65,16 +65,37 @@ def test_answer_latency_times_each_numeric_path_from_the_question(tiny):
 
 
 def test_answer_latency_times_the_served_path_through_the_batcher(tiny):
-    """A path named in ``batched`` gets a row timed through the service's batcher (its worker
-    threads), each question alone: the first token comes before the whole reply."""
+    """A path named in ``batched`` gets two rows timed through the service's batcher (its worker
+    threads), each question alone: one with the bench's thread serving the model calls, as the
+    service's main thread does, one with the workers reading prompts; the first token comes
+    before the whole reply."""
+    import threading
+
     from pipeline.bench.generation import answer_latency
+    from pipeline.generation import DecodeBatch
 
     model, tokenizer = tiny
-    report = answer_latency(NoPassages(), {"fp32": model}, tokenizer, None, ["Who proposed Adam?", "BM25?"],
-                            new_tokens=12, lookup_tokens=4, batched=["fp32"])
-    assert list(report["free"]) == ["fp32", "fp32 + prompt lookup (4)", "fp32 + prompt lookup (4), service's batcher"]
-    row = report["free"]["fp32 + prompt lookup (4), service's batcher"]
-    assert 0 < row["ttft_p50_ms"] < row["p50_ms"] <= row["p95_ms"]
+    joined_on, join = [], DecodeBatch.join
+
+    def recorded(self, row):
+        joined_on.append(threading.current_thread())
+        return join(self, row)
+
+    DecodeBatch.join = recorded
+    try:
+        report = answer_latency(NoPassages(), {"fp32": model}, tokenizer, None, ["Who proposed Adam?", "BM25?"],
+                                new_tokens=12, lookup_tokens=4, batched=["fp32"])
+    finally:
+        DecodeBatch.join = join
+    served = "fp32 + prompt lookup (4), service's batcher"
+    assert list(report["free"]) == ["fp32", "fp32 + prompt lookup (4)", served,
+                                    f"{served}, prompts read in its workers"]
+    for row in (report["free"][served], report["free"][f"{served}, prompts read in its workers"]):
+        assert 0 < row["ttft_p50_ms"] < row["p50_ms"] <= row["p95_ms"]
+    here = threading.current_thread()
+    batched = joined_on[-6:]  # the main-thread rows read their prompts before
+    assert batched[:3] == [here] * 3, "served: the bench's thread read the warm-up's and both prompts"
+    assert here not in batched[3:], "then the workers read them"
 
 
 def test_answer_latency_times_other_engines_on_the_served_prompt(tiny):

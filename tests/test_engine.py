@@ -193,3 +193,37 @@ def test_copy_decoding_serves_a_cited_passage_sentence(served_artifacts):
         assert engine.answer("Who proposed Adam?", variant="sft").text == REFUSAL
     finally:
         path.unlink()
+
+
+def test_retrieval_and_copy_decoding_run_on_the_thread_that_serves_model_calls(served_artifacts, monkeypatch):
+    """As served (`python -m service`): a request's thread hands its query embedding and its copy
+    decoding to the thread serving model calls, and gets the same reply."""
+    import json
+    import threading
+
+    from pipeline import model_calls
+    from pipeline.copying import SETTINGS_FILE, Linear, Selector
+
+    overlap_only = Selector(("word_overlap",), Linear([0], [1], [1], 0.0), Linear([0] * 2, [1] * 2, [0, 0], 0.0), 1.0,
+                            ("word_overlap", "embedding_similarity"))
+    path = served_artifacts / "sft" / SETTINGS_FILE
+    path.write_text(json.dumps({"selector": overlap_only.to_dict()}))
+    try:
+        engine = Engine(served_artifacts, numeric="fp32")
+        alone = engine.answer("Who proposed Adam?", variant="sft").text
+        seen = {"search": set(), "answer": set()}
+        search, answer = type(engine.retriever).search, Selector.answer
+
+        def recorded(kind, method):
+            def wrapper(*args, **kwargs):
+                seen[kind].add(threading.current_thread())
+                return method(*args, **kwargs)
+            return wrapper
+
+        monkeypatch.setattr(type(engine.retriever), "search", recorded("search", search))
+        monkeypatch.setattr(Selector, "answer", recorded("answer", answer))
+        served = model_calls.serve_while(lambda: engine.answer("Who proposed Adam?", variant="sft").text)
+    finally:
+        path.unlink()
+    assert served == alone == "Adam was proposed by Diederik Kingma and Jimmy Ba in 2014 [1]."
+    assert seen == {"search": {threading.current_thread()}, "answer": {threading.current_thread()}}

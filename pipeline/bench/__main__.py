@@ -248,8 +248,10 @@ def render(report: dict) -> str:
                   "the prompt too. Copy decoding (the served path for a variant with a selector, "
                   "pipeline/copying.py) scores the shown sentences and returns one; it writes no tokens. "
                   "Rows timed in this process's main thread, except \"service's batcher\": the served "
-                  "numeric path as the service runs it, in the batcher's worker threads (slower here: "
-                  "OpenMP regions started off the main thread cost more; README, Results, speed).", ""]
+                  "numeric path as the service runs it, asked from another thread and decoded in the "
+                  "batcher's worker threads while this thread reads the prompts (pipeline/model_calls.py); "
+                  "\"prompts read in its workers\": the same, the workers reading the prompts themselves "
+                  "(slower: a second thread's OpenMP pool slows every region; README, Results, speed).", ""]
         rows = [{"path": f"free, {name}", **timing} for name, timing in a["free"].items()]
         if "copy_decoding" in a:
             rows.append({"path": f"copy decoding, {next(iter(a['free']))}", **a["copy_decoding"],

@@ -7,6 +7,8 @@ import copy
 import statistics
 import time
 
+from pipeline import model_calls
+
 
 def rag_prompt(retriever, tokenizer, target_tokens: int = 600) -> list[dict]:
     from pipeline.prompt import build_messages
@@ -123,7 +125,8 @@ def answer_latency(retriever, paths: dict, tokenizer, selector, questions: list[
     each path is timed with prompt lookup decoding too, and its replies compared with the same
     path's without it. Each path named in ``batched`` is timed once more as the service runs it:
     through its batcher (pipeline/batching.py: worker threads, the service's decode threads and
-    workers), one question at a time."""
+    workers), one question at a time, with this thread serving the model calls
+    (pipeline/model_calls.py); and once with the workers reading prompts themselves."""
     import torch
 
     from pipeline.bench.retrieval import _percentiles as percentiles
@@ -154,8 +157,11 @@ def answer_latency(retriever, paths: dict, tokenizer, selector, questions: list[
             report["free"][name] = {**percentiles(totals), "ttft_p50_ms": round(1000 * statistics.median(firsts), 1),
                                     "ttft_whole_prompt_p50_ms": round(1000 * statistics.median(whole), 1)}
     for name in batched:
-        report["free"][f"{guessed(name) if lookup_tokens else name}, service's batcher"] = _batched_latency(
-            retriever, paths[name], tokenizer, questions, new_tokens, lookup_tokens)
+        row = f"{guessed(name) if lookup_tokens else name}, service's batcher"
+        report["free"][row] = _batched_latency(retriever, paths[name], tokenizer, questions, new_tokens,
+                                               lookup_tokens)
+        report["free"][f"{row}, prompts read in its workers"] = _batched_latency(
+            retriever, paths[name], tokenizer, questions, new_tokens, lookup_tokens, model_thread=False)
     if lookup_tokens:  # each path's replies with prompt lookup against its own without
         report["lookup_replies_as_without"] = {
             name: f"{sum(a == b for a, b in zip(replies[name], replies[guessed(name)]))}/{len(questions)}"
@@ -199,14 +205,18 @@ def _ask(batcher, retriever, question: str, settings) -> tuple[float, float, str
     from pipeline.prompt import build_messages
 
     started, first, text = time.perf_counter(), None, ""
-    for text in batcher.stream(build_messages(question, retriever.search(question)), settings):
+    messages = model_calls.run(lambda: build_messages(question, retriever.search(question)))  # as Engine.prepare
+    for text in batcher.stream(messages, settings):
         first = first or time.perf_counter() - started
     return time.perf_counter() - started, first, text
 
 
-def _batched_latency(retriever, model, tokenizer, questions: list[str], new_tokens: int, lookup_tokens: int) -> dict:
+def _batched_latency(retriever, model, tokenizer, questions: list[str], new_tokens: int, lookup_tokens: int,
+                     model_thread: bool = True) -> dict:
     """p50/p95 seconds and first-token p50 of each question answered alone through a fresh
-    service batcher (one untimed warm-up question first)."""
+    service batcher (one untimed warm-up question first), asked from another thread while this
+    one serves the model calls, as the service runs (pipeline/model_calls.py); with
+    ``model_thread`` False, the batcher's workers read the prompts themselves."""
     from pipeline.batching import Batcher
     from pipeline.bench.retrieval import _percentiles as percentiles
     from pipeline.numeric import DECODE_WORKERS
@@ -214,9 +224,13 @@ def _batched_latency(retriever, model, tokenizer, questions: list[str], new_toke
     settings = _greedy_settings(new_tokens)
     batcher = Batcher(model, tokenizer, lookup_tokens=lookup_tokens, workers=DECODE_WORKERS)
     batcher.min_new_tokens = new_tokens
-    try:
+
+    def ask_all():
         _ask(batcher, retriever, questions[0], settings)  # warm-up
-        timed = [_ask(batcher, retriever, question, settings) for question in questions]
+        return [_ask(batcher, retriever, question, settings) for question in questions]
+
+    try:
+        timed = model_calls.serve_while(ask_all) if model_thread else ask_all()
     finally:
         batcher.close(wait=30)
     totals, firsts = [t[0] for t in timed], [t[1] for t in timed]
@@ -236,7 +250,9 @@ def concurrency(retriever, model, tokenizer, questions: list[str], clients=(1, 4
     ``decode_threads`` its decode steps' intra-op threads (None: the service's default, 0: torch's),
     ``workers`` its decode workers (each its own batch, in parallel).
     Each batcher answers one question before the clients start, untimed (the first request
-    pays one-time costs: the system turn's cache, kernel set-up)."""
+    pays one-time costs: the system turn's cache, kernel set-up). This thread serves the model
+    calls (retrieval, reading prompts) while the clients ask, as the service's main thread does
+    (pipeline/model_calls.py)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from pipeline.batching import Batcher
@@ -248,7 +264,7 @@ def concurrency(retriever, model, tokenizer, questions: list[str], clients=(1, 4
         batcher = Batcher(model, tokenizer, max_batch=max_batch, max_waiting=64, queue_timeout=600,
                           lookup_tokens=lookup_tokens, decode_threads=decode_threads, workers=workers)
         batcher.min_new_tokens = new_tokens  # fixed-length replies: every client writes the same
-        _ask(batcher, retriever, questions[-1], settings)  # warm-up
+        model_calls.serve_while(lambda: _ask(batcher, retriever, questions[-1], settings))  # warm-up
         warm_steps, warm_seconds, warm_tokens = batcher.decode_counters()
         batcher.batch_sizes.clear()
 
@@ -260,9 +276,12 @@ def concurrency(retriever, model, tokenizer, questions: list[str], clients=(1, 4
                 timings.append((seconds, first, len(tokenizer(text, add_special_tokens=False)["input_ids"])))
             return timings
 
+        def all_clients():
+            with ThreadPoolExecutor(count) as pool:
+                return [t for per_client in pool.map(client, range(count)) for t in per_client]
+
         started = time.perf_counter()
-        with ThreadPoolExecutor(count) as pool:
-            timings = [t for per_client in pool.map(client, range(count)) for t in per_client]
+        timings = model_calls.serve_while(all_clients)  # this thread runs the model calls, as the service's
         wall = time.perf_counter() - started
         batcher.close()
         steps, seconds, decoded = (now - warm for now, warm in zip(batcher.decode_counters(),
