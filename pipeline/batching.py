@@ -10,10 +10,10 @@ each one's prompt after the system turn (whose cache is kept), and the row joins
 already being written. A row leaves when it ends. Each row keeps its own sampling settings,
 token cap, deadline and refusal decision (continuous batching, as in Orca, OSDI 2022).
 Greedy rows also guess their next tokens from their prompts (prompt lookup decoding,
-``lookup_tokens``; DecodeBatch). Workers run their decode steps with ``decode_threads``
-intra-op threads (one by default), so two workers use two cores; prompts are read with every
-thread, on the thread that serves model calls when one does (pipeline/model_calls.py: a
-worker thread's own OpenMP pool would slow every region in the process).
+``lookup_tokens``; DecodeBatch). Prompts are read, and decode steps run, with every thread on
+the thread that serves model calls when one does (pipeline/model_calls.py: a worker thread's
+own OpenMP pool would slow every region in the process); ``decode_threads`` 1 keeps each
+worker's steps in the worker, with one thread.
 """
 from __future__ import annotations
 
@@ -50,13 +50,22 @@ def _inference(fn, *args):
         return fn(*args)
 
 
+def _with_threads(count: int, fn):
+    """``fn()`` with ``count`` intra-op threads (0: this thread's count)."""
+    from pipeline.numeric import intra_op_threads
+
+    with intra_op_threads(count):
+        return fn()
+
+
 class Batcher:
     """One model's free-decoding queue and the worker threads that drain it in batches.
 
     With ``workers`` > 1, each worker decodes its own batch of up to ``max_batch / workers``
-    rows, in parallel with the others (one intra-op thread each by default, so two workers use
-    two cores); a request goes to an idle worker before it joins a busy one. Prompts are read
-    one at a time, with every thread."""
+    rows; a request goes to an idle worker before it joins a busy one. Prompts are read one at
+    a time, with every thread, through ``pipeline.model_calls.run``; so are decode steps, unless
+    ``decode_threads`` is 1 (each worker then steps in parallel with the others, one thread
+    each)."""
 
     def __init__(self, model, tokenizer, max_batch: int = 8, max_waiting: int = 16, queue_timeout: float = 60.0,
                  lookup_tokens: int | None = None, decode_threads: int | None = None, workers: int = 1,
@@ -70,7 +79,7 @@ class Batcher:
         # greedy requests guess their next tokens from their prompts (prompt lookup decoding)
         self.lookup_tokens = LOOKUP_TOKENS if lookup_tokens is None else lookup_tokens
         self.max_batch, self.max_waiting, self.queue_timeout = max_batch, max_waiting, queue_timeout
-        # intra-op threads of a decode step (0: torch's count); the prompt is read with torch's count
+        # intra-op threads of a decode step (0: the count of the thread that runs it); prompts get every thread
         self.decode_threads = DECODE_THREADS if decode_threads is None else decode_threads
         # intra-op threads for reading prompts: the constructing thread's count unless given
         self.prompt_threads = prompt_threads or torch.get_num_threads()
@@ -210,8 +219,11 @@ class Batcher:
                                 request.out.put(err)
                     self.batch_sizes.append(len(batch.rows))
                 try:
-                    with intra_op_threads(self.decode_threads):
-                        batch.step()
+                    if self.decode_threads == 1:  # starts no OpenMP region: stays in this worker
+                        with intra_op_threads(1):
+                            batch.step()
+                    else:  # a multi-threaded call: on the thread serving them, if one does
+                        model_calls.run(_inference, _with_threads, self.decode_threads, batch.step)
                 except Exception as err:  # every row of the batch hears of it; the worker lives on
                     for row in batch.rows:
                         row.emit(err)

@@ -82,18 +82,20 @@ def release_freed_memory() -> None:
         pass
 
 
-# Intra-op threads for the decode steps the service's worker threads run (pipeline/batching.py).
-# A step with one thread starts no OpenMP region, so it adds no OpenMP pool to the process
-# (pipeline/model_calls.py says why a second pool slows every region): on a 2-core AMD EPYC
-# (AVX-512, bf16), one 576x1536 int8 linear on one token took 31 us from the main thread with
-# 2 threads, 98 us from another thread with 2 and 34 us from another thread with 1; the
-# batcher's int8-decode steps took 54 ms with 2 threads against 25 ms with 1 (README, Results,
-# speed). The prompt is still read with every thread, by the thread that serves model calls.
-DECODE_THREADS = 1
-# Decode workers of the service's batcher: each decodes its own batch, with DECODE_THREADS
-# threads, in parallel with the others (pipeline/batching.py). Two on that 2-core EPYC, with
-# prompt lookup (int8-decode): eight clients got 58.9 tokens/s in all against 44.8 with one
-# worker, at p50 3.8 s against 6.8 s; one client alike (README, Results, speed).
+# Intra-op threads for the decode steps of the service's batcher (pipeline/batching.py). 0: the
+# steps are model calls like any other, run with every thread on the one thread that serves
+# them (pipeline/model_calls.py). 1: each worker runs its own steps with one thread, which
+# starts no OpenMP region. Before one thread served the model calls, one thread was the faster
+# choice in a worker (a 576x1536 int8 linear on one token: 34 us with one thread, 98 us with
+# two, against 31 us from the main thread). Since, on a 2-core AMD EPYC (AVX-512, bf16) with
+# prompt lookup and two workers, steps on the serving thread answered eight clients at p50
+# 3.4 and 3.8 s in two runs against 5.5 and 5.2 s, and one client at 0.67 and 0.58 s against
+# 0.69 and 0.77 s (README, Results, speed).
+DECODE_THREADS = 0
+# Decode workers of the service's batcher: each decodes its own batch of up to max_batch /
+# workers rows (pipeline/batching.py). Two on that 2-core EPYC, with prompt lookup
+# (int8-decode) and steps on the serving thread: eight clients got 61.2 tokens/s in all against
+# 43.5 with one worker, at p50 3.4 s against 6.8 s; one client alike (README, Results, speed).
 DECODE_WORKERS = 2
 
 

@@ -136,8 +136,8 @@ def main(argv=None) -> int:
                         help=f"tokens a greedy reply guesses from its prompt each step (prompt lookup; "
                              f"0 = off; default {LOOKUP_TOKENS}); the reply is the same, written sooner")
     parser.add_argument("--decode-threads", type=int, default=None,
-                        help=f"intra-op threads of each decode step (0 = torch's count, as the prompt "
-                             f"is read; default {DECODE_THREADS}: the worker thread's steps are faster so)")
+                        help=f"intra-op threads of each decode step (0 = every thread, on the thread that "
+                             f"reads the prompts; 1 = one, in each worker; default {DECODE_THREADS})")
     parser.add_argument("--decode-workers", type=int, default=None,
                         help=f"worker threads decoding batches in parallel, up to max-batch / workers rows "
                              f"each (default {DECODE_WORKERS})")

@@ -395,7 +395,8 @@ def test_a_thread_that_starts_during_a_decode_step_takes_its_count_back():
 
 def test_prompts_are_read_on_the_thread_that_serves_model_calls(tiny, monkeypatch):
     """While a thread serves model calls (the service's main thread), the batcher's workers hand
-    it every prompt to read and keep only the one-thread decode steps; the reply is the same."""
+    it every prompt to read; with ``decode_threads`` 1 they keep the decode steps; the reply is
+    the same."""
     import threading
 
     from pipeline import model_calls
@@ -413,7 +414,7 @@ def test_prompts_are_read_on_the_thread_that_serves_model_calls(tiny, monkeypatc
     monkeypatch.setattr(DecodeBatch, "join", recorded("join", join))
     monkeypatch.setattr(DecodeBatch, "step", recorded("step", step))
     monkeypatch.setattr(PromptPrefix, "system_turn", staticmethod(recorded("prefix", system_turn)))
-    batcher = Batcher(*tiny, workers=2)
+    batcher = Batcher(*tiny, workers=2, decode_threads=1)
     settings = GenerationSettings(max_new_tokens=12)
     try:
         replies = model_calls.serve_while(
@@ -424,3 +425,28 @@ def test_prompts_are_read_on_the_thread_that_serves_model_calls(tiny, monkeypatc
     assert seen["prefix"] == {here} and seen["join"] == {here}
     assert seen["step"] and here not in seen["step"], "decode steps stay in the workers"
     assert [r.strip() for r in replies] == [alone(tiny, q, 12) for q in QUESTIONS[:2]]
+
+
+def test_multi_threaded_decode_steps_run_on_the_thread_that_serves_model_calls(tiny, monkeypatch):
+    """Decode steps with more than one intra-op thread (``decode_threads`` 0, the default: the
+    serving thread's count) are model calls like prompts: they run on the serving thread."""
+    import threading
+
+    from pipeline import model_calls
+    from pipeline.generation import DecodeBatch
+
+    stepped_on, step = set(), DecodeBatch.step
+
+    def recorded(self):
+        stepped_on.add(threading.current_thread())
+        return step(self)
+
+    monkeypatch.setattr(DecodeBatch, "step", recorded)
+    batcher = Batcher(*tiny)
+    try:
+        reply = model_calls.serve_while(
+            lambda: list(batcher.stream(conversation(QUESTIONS[0]), GenerationSettings(max_new_tokens=12)))[-1])
+    finally:
+        batcher.close(wait=10)
+    assert stepped_on == {threading.current_thread()}
+    assert reply.strip() == alone(tiny, QUESTIONS[0], 12)

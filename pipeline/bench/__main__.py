@@ -46,7 +46,7 @@ def main(argv=None) -> None:
                         help="the batcher's prompt lookup settings the concurrent-clients section times")
     parser.add_argument("--decode-threads", type=int, nargs="+", default=[DECODE_THREADS],
                         help="the batcher's decode-step intra-op threads the concurrent-clients section times "
-                             "(0 = torch's count)")
+                             "(0 = every thread, on the thread serving model calls; 1 = one, in each worker)")
     parser.add_argument("--decode-workers", type=int, nargs="+", default=[DECODE_WORKERS],
                         help="the batcher's decode workers the concurrent-clients section times")
     parser.add_argument("--memory-numeric", nargs="+", default=["fp32", "int8-decode"],
@@ -272,8 +272,9 @@ def render(report: dict) -> str:
                   "time in decode steps (prompt reading left out). `lookup`: the guessed tokens of "
                   "prompt lookup decoding, shared by the rows decoding together (0 = off; the service's "
                   f"default is {LOOKUP_TOKENS}). `decode_threads`: the intra-op threads of the "
-                  f"batcher's decode steps (0 = torch's count; the service's default is {DECODE_THREADS}); "
-                  f"`workers`: its decode workers, each decoding its own batch in parallel (the service's "
+                  f"batcher's decode steps (0 = every thread, run on the thread serving the model calls; 1 = one, "
+                  f"in each worker, in parallel; the service's default is {DECODE_THREADS}); "
+                  f"`workers`: its decode workers, each decoding its own batch (the service's "
                   f"default is {DECODE_WORKERS}). Decode tokens/s sums the workers' step times, so it "
                   "understates parallel workers; aggregate tokens/s is wall time.",
                   ""]
