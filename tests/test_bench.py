@@ -89,8 +89,8 @@ def test_answer_latency_times_the_served_path_through_the_batcher(tiny):
         DecodeBatch.join = join
     served = "fp32 + prompt lookup (4), service's batcher"
     assert list(report["free"]) == ["fp32", "fp32 + prompt lookup (4)", served,
-                                    f"{served}, prompts read in its workers"]
-    for row in (report["free"][served], report["free"][f"{served}, prompts read in its workers"]):
+                                    f"{served}, model calls in its workers"]
+    for row in (report["free"][served], report["free"][f"{served}, model calls in its workers"]):
         assert 0 < row["ttft_p50_ms"] < row["p50_ms"] <= row["p95_ms"]
     here = threading.current_thread()
     batched = joined_on[-6:]  # the main-thread rows read their prompts before

@@ -248,9 +248,10 @@ def render(report: dict) -> str:
                   "the prompt too. Copy decoding (the served path for a variant with a selector, "
                   "pipeline/copying.py) scores the shown sentences and returns one; it writes no tokens. "
                   "Rows timed in this process's main thread, except \"service's batcher\": the served "
-                  "numeric path as the service runs it, asked from another thread and decoded in the "
-                  "batcher's worker threads while this thread reads the prompts (pipeline/model_calls.py); "
-                  "\"prompts read in its workers\": the same, the workers reading the prompts themselves "
+                  "numeric path as the service runs it, asked from another thread through the batcher while "
+                  "this thread runs its model calls: prompts and decode steps (pipeline/model_calls.py); "
+                  "\"model calls in its workers\": the same with no thread serving model calls, so the workers "
+                  "read the prompts and step with every thread themselves "
                   "(slower: a second thread's OpenMP pool slows every region; README, Results, speed).", ""]
         rows = [{"path": f"free, {name}", **timing} for name, timing in a["free"].items()]
         if "copy_decoding" in a:

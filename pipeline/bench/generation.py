@@ -126,7 +126,8 @@ def answer_latency(retriever, paths: dict, tokenizer, selector, questions: list[
     path's without it. Each path named in ``batched`` is timed once more as the service runs it:
     through its batcher (pipeline/batching.py: worker threads, the service's decode threads and
     workers), one question at a time, with this thread serving the model calls
-    (pipeline/model_calls.py); and once with the workers reading prompts themselves."""
+    (pipeline/model_calls.py); and once with no thread serving them, the workers making every
+    model call themselves."""
     import torch
 
     from pipeline.bench.retrieval import _percentiles as percentiles
@@ -160,7 +161,7 @@ def answer_latency(retriever, paths: dict, tokenizer, selector, questions: list[
         row = f"{guessed(name) if lookup_tokens else name}, service's batcher"
         report["free"][row] = _batched_latency(retriever, paths[name], tokenizer, questions, new_tokens,
                                                lookup_tokens)
-        report["free"][f"{row}, prompts read in its workers"] = _batched_latency(
+        report["free"][f"{row}, model calls in its workers"] = _batched_latency(
             retriever, paths[name], tokenizer, questions, new_tokens, lookup_tokens, model_thread=False)
     if lookup_tokens:  # each path's replies with prompt lookup against its own without
         report["lookup_replies_as_without"] = {
@@ -216,7 +217,7 @@ def _batched_latency(retriever, model, tokenizer, questions: list[str], new_toke
     """p50/p95 seconds and first-token p50 of each question answered alone through a fresh
     service batcher (one untimed warm-up question first), asked from another thread while this
     one serves the model calls, as the service runs (pipeline/model_calls.py); with
-    ``model_thread`` False, the batcher's workers read the prompts themselves."""
+    ``model_thread`` False, the batcher's workers make every model call themselves."""
     from pipeline.batching import Batcher
     from pipeline.bench.retrieval import _percentiles as percentiles
     from pipeline.numeric import DECODE_WORKERS
