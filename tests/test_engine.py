@@ -169,61 +169,60 @@ def test_decide_then_answer_uses_the_variant_threshold(engine, monkeypatch):
     assert reply.text != REFUSAL and "do not contain the answer" not in reply.text
 
 
-def test_copy_decoding_serves_a_cited_passage_sentence(served_artifacts):
+@pytest.fixture
+def overlap_only(served_artifacts):
+    """sft served with a selector that reads word overlap alone (neither the reader nor the
+    model), written to its copying.json for the test's length."""
     import json
 
     from pipeline.copying import SETTINGS_FILE, Linear, Selector
 
-    # word overlap alone: a selector that reads neither the reader nor the model
-    overlap_only = Selector(("word_overlap",), Linear([0], [1], [1], 0.0), Linear([0] * 2, [1] * 2, [0, 0], 0.0), 1.0,
-                            ("word_overlap", "embedding_similarity"))
+    selector = Selector(("word_overlap",), Linear([0], [1], [1], 0.0), Linear([0] * 2, [1] * 2, [0, 0], 0.0), 1.0,
+                        ("word_overlap", "embedding_similarity"))
     path = served_artifacts / "sft" / SETTINGS_FILE
-    path.write_text(json.dumps({"selector": overlap_only.to_dict()}))
-    try:
-        engine = Engine(served_artifacts, numeric="fp32")
-        replies = list(engine.stream("Who proposed Adam?", variant="sft"))
-        assert [r.text for r in replies] == ["Adam was proposed by Diederik Kingma and Jimmy Ba in 2014 [1]."]
-        assert replies[0].completion_tokens > 10 and replies[0].prompt_tokens > 20
-        free = engine.answer("Who proposed Adam?", variant="sft",
-                             settings=GenerationSettings(max_new_tokens=12, copy_decoding=False))
-        assert free.text != replies[0].text, "unticking copy decoding decodes freely"
-        always_silent = Selector(("word_overlap",), overlap_only.sentence, Linear([0] * 2, [1] * 2, [0, 0], 5.0), 1.0,
-                                 ("word_overlap", "embedding_similarity"))
-        engine._selectors["sft"] = always_silent  # silence score 5 > threshold 1: refuse
-        assert engine.answer("Who proposed Adam?", variant="sft").text == REFUSAL
-    finally:
-        path.unlink()
+    path.write_text(json.dumps({"selector": selector.to_dict()}))
+    yield selector
+    path.unlink()
 
 
-def test_retrieval_and_copy_decoding_run_on_the_thread_that_serves_model_calls(served_artifacts, monkeypatch):
+def test_copy_decoding_serves_a_cited_passage_sentence(served_artifacts, overlap_only):
+    from pipeline.copying import Linear, Selector
+
+    engine = Engine(served_artifacts, numeric="fp32")
+    replies = list(engine.stream("Who proposed Adam?", variant="sft"))
+    assert [r.text for r in replies] == ["Adam was proposed by Diederik Kingma and Jimmy Ba in 2014 [1]."]
+    assert replies[0].completion_tokens > 10 and replies[0].prompt_tokens > 20
+    free = engine.answer("Who proposed Adam?", variant="sft",
+                         settings=GenerationSettings(max_new_tokens=12, copy_decoding=False))
+    assert free.text != replies[0].text, "unticking copy decoding decodes freely"
+    always_silent = Selector(("word_overlap",), overlap_only.sentence, Linear([0] * 2, [1] * 2, [0, 0], 5.0), 1.0,
+                             ("word_overlap", "embedding_similarity"))
+    engine._selectors["sft"] = always_silent  # silence score 5 > threshold 1: refuse
+    assert engine.answer("Who proposed Adam?", variant="sft").text == REFUSAL
+
+
+def test_retrieval_and_copy_decoding_run_on_the_thread_that_serves_model_calls(served_artifacts, overlap_only,
+                                                                               monkeypatch):
     """As served (`python -m service`): a request's thread hands its query embedding and its copy
     decoding to the thread serving model calls, and gets the same reply."""
-    import json
     import threading
 
     from pipeline import model_calls
-    from pipeline.copying import SETTINGS_FILE, Linear, Selector
+    from pipeline.copying import Selector
 
-    overlap_only = Selector(("word_overlap",), Linear([0], [1], [1], 0.0), Linear([0] * 2, [1] * 2, [0, 0], 0.0), 1.0,
-                            ("word_overlap", "embedding_similarity"))
-    path = served_artifacts / "sft" / SETTINGS_FILE
-    path.write_text(json.dumps({"selector": overlap_only.to_dict()}))
-    try:
-        engine = Engine(served_artifacts, numeric="fp32")
-        alone = engine.answer("Who proposed Adam?", variant="sft").text
-        seen = {"search": set(), "answer": set()}
-        search, answer = type(engine.retriever).search, Selector.answer
+    engine = Engine(served_artifacts, numeric="fp32")
+    alone = engine.answer("Who proposed Adam?", variant="sft").text
+    seen = {"search": set(), "answer": set()}
+    search, answer = type(engine.retriever).search, Selector.answer
 
-        def recorded(kind, method):
-            def wrapper(*args, **kwargs):
-                seen[kind].add(threading.current_thread())
-                return method(*args, **kwargs)
-            return wrapper
+    def recorded(kind, method):
+        def wrapper(*args, **kwargs):
+            seen[kind].add(threading.current_thread())
+            return method(*args, **kwargs)
+        return wrapper
 
-        monkeypatch.setattr(type(engine.retriever), "search", recorded("search", search))
-        monkeypatch.setattr(Selector, "answer", recorded("answer", answer))
-        served = model_calls.serve_while(lambda: engine.answer("Who proposed Adam?", variant="sft").text)
-    finally:
-        path.unlink()
+    monkeypatch.setattr(type(engine.retriever), "search", recorded("search", search))
+    monkeypatch.setattr(Selector, "answer", recorded("answer", answer))
+    served = model_calls.serve_while(lambda: engine.answer("Who proposed Adam?", variant="sft").text)
     assert served == alone == "Adam was proposed by Diederik Kingma and Jimmy Ba in 2014 [1]."
     assert seen == {"search": {threading.current_thread()}, "answer": {threading.current_thread()}}
