@@ -3,8 +3,8 @@
 A decode step of a 135M model reads every weight once whether it extends one reply or eight,
 so eight replies decoded together cost far less than eight decoded in turn (3.4x the decode
 throughput of one client on 2 AVX2 cores: reports/bench-serving.md). Worker threads
-(``workers``, two in the service) each own one ``pipeline.generation.DecodeBatch`` over the
-shared model. Requests wait in a bounded queue; between two decode steps a worker admits
+(``workers``, two by default: DECODE_WORKERS) each own one
+``pipeline.generation.DecodeBatch`` over the shared model. Requests wait in a bounded queue; between two decode steps a worker admits
 waiting ones (up to ``max_batch / workers`` rows; an idle worker before a busy one): it reads
 each one's prompt after the system turn (whose cache is kept), and the row joins the replies
 already being written. A row leaves when it ends. Each row keeps its own sampling settings,
@@ -68,12 +68,12 @@ class Batcher:
     each)."""
 
     def __init__(self, model, tokenizer, max_batch: int = 8, max_waiting: int = 16, queue_timeout: float = 60.0,
-                 lookup_tokens: int | None = None, decode_threads: int | None = None, workers: int = 1,
+                 lookup_tokens: int | None = None, decode_threads: int | None = None, workers: int | None = None,
                  prompt_threads: int | None = None):
         import torch
 
         from pipeline.generation import LOOKUP_TOKENS
-        from pipeline.numeric import DECODE_THREADS
+        from pipeline.numeric import DECODE_THREADS, DECODE_WORKERS
 
         self.model, self.tokenizer = model, tokenizer
         # greedy requests guess their next tokens from their prompts (prompt lookup decoding)
@@ -85,7 +85,7 @@ class Batcher:
         self.prompt_threads = prompt_threads or torch.get_num_threads()
         self._pending: list[_Request] = []
         self._ready = threading.Condition()
-        self.workers = max(1, workers)
+        self.workers = max(1, DECODE_WORKERS if workers is None else workers)
         self._row_cap = -(-max_batch // self.workers)  # rows per worker
         self._threads: list[threading.Thread] = []
         self._waiting_workers = 0  # workers waiting for a request

@@ -14,7 +14,7 @@ from typing import Iterator, Sequence
 from pipeline import model_calls
 from pipeline.artifacts import Artifacts
 from pipeline.errors import UserError
-from pipeline.numeric import DECODE_WORKERS, use_threads
+from pipeline.numeric import use_threads
 from pipeline.prompt import build_messages, fit_history, retrieval_query
 from pipeline.retrieval.settings import RetrievalSettings
 from pipeline.training import load_variant
@@ -132,7 +132,7 @@ class Engine:
                 self._batchers[variant] = Batcher(model, tokenizer, self.max_batch, self.max_waiting,
                                                   self.queue_timeout, self.lookup_tokens,
                                                   self.decode_threads,
-                                                  self.decode_workers or DECODE_WORKERS, self.threads)
+                                                  self.decode_workers, self.threads)
             return self._batchers[variant]
 
     @property

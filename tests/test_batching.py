@@ -91,7 +91,7 @@ def test_stream_batch_refuses_rows_above_the_threshold_without_generating(tiny):
 
 
 def test_waiting_requests_are_decoded_as_one_batch(tiny):
-    batcher = Batcher(*tiny, max_batch=8)
+    batcher = Batcher(*tiny, max_batch=8, workers=1)
     settings = GenerationSettings(max_new_tokens=10)
     with batcher._ready:  # the worker cannot take any request until all three wait
         streams = [batcher.stream(conversation(q), settings) for q in QUESTIONS]
@@ -112,7 +112,7 @@ def test_close_with_a_wait_returns_once_the_worker_has_stopped(tiny):
 def test_a_request_joins_replies_already_being_written(tiny):
     """Continuous batching: a request that arrives mid-reply joins the running batch at the next
     step, with its own sampling settings, and still gets the reply it would get alone."""
-    batcher = Batcher(*tiny)
+    batcher = Batcher(*tiny, workers=1)  # one batch for all (a second worker would take it)
     long = GenerationSettings(max_new_tokens=60)
     first = batcher.stream(conversation(QUESTIONS[0]), long)
     next(first)  # the first reply is being written
@@ -127,7 +127,7 @@ def test_a_request_joins_replies_already_being_written(tiny):
 def test_the_queue_is_bounded_and_old_requests_are_turned_away(tiny):
     import time
 
-    batcher = Batcher(*tiny, max_waiting=2, queue_timeout=0.05)
+    batcher = Batcher(*tiny, max_waiting=2, queue_timeout=0.05, workers=1)
     settings = GenerationSettings(max_new_tokens=4)
     with batcher._ready:
         streams = [batcher.stream(conversation(q), settings) for q in QUESTIONS[:2]]
@@ -149,7 +149,7 @@ def test_a_closed_stream_ends_its_row_and_the_others_finish(tiny):
         alone(tiny, QUESTIONS[0], 400)
         assert len(calls) > 100, "the row to drop must run long when nobody drops it"
         calls.clear()
-        batcher = Batcher(*tiny)
+        batcher = Batcher(*tiny, workers=1)
         long, short = GenerationSettings(max_new_tokens=400), GenerationSettings(max_new_tokens=30)
         with batcher._ready:
             dropped = batcher.stream(conversation(QUESTIONS[0]), long)

@@ -220,10 +220,9 @@ def _batched_latency(retriever, model, tokenizer, questions: list[str], new_toke
     ``model_thread`` False, the batcher's workers make every model call themselves."""
     from pipeline.batching import Batcher
     from pipeline.bench.retrieval import _percentiles as percentiles
-    from pipeline.numeric import DECODE_WORKERS
 
     settings = _greedy_settings(new_tokens)
-    batcher = Batcher(model, tokenizer, lookup_tokens=lookup_tokens, workers=DECODE_WORKERS)
+    batcher = Batcher(model, tokenizer, lookup_tokens=lookup_tokens)  # the service's workers
     batcher.min_new_tokens = new_tokens
 
     def ask_all():
