@@ -4,11 +4,12 @@ A decode step of a 135M model reads every weight once whether it extends one rep
 so eight replies decoded together cost far less than eight decoded in turn (3.4x the decode
 throughput of one client on 2 AVX2 cores: reports/bench-serving.md). Worker threads
 (``workers``, two by default: DECODE_WORKERS) each own one
-``pipeline.generation.DecodeBatch`` over the shared model. Requests wait in a bounded queue; between two decode steps a worker admits
-waiting ones (up to ``max_batch / workers`` rows; an idle worker before a busy one): it reads
-each one's prompt after the system turn (whose cache is kept), and the row joins the replies
-already being written. A row leaves when it ends. Each row keeps its own sampling settings,
-token cap, deadline and refusal decision (continuous batching, as in Orca, OSDI 2022).
+``pipeline.generation.DecodeBatch`` over the shared model. Requests wait in a bounded queue;
+between two decode steps a worker admits waiting ones (up to ``max_batch / workers`` rows; an
+idle worker before a busy one): it reads each one's prompt after the system turn (whose cache
+is kept), and the row joins the replies already being written. A row leaves when it ends.
+Each row keeps its own sampling settings, token cap, deadline and refusal decision
+(continuous batching, as in Orca, OSDI 2022).
 Greedy rows also guess their next tokens from their prompts (prompt lookup decoding,
 ``lookup_tokens``; DecodeBatch). Prompts are read, and decode steps run, with every thread on
 the thread that serves model calls when one does (pipeline/model_calls.py: a worker thread's

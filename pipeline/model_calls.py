@@ -4,16 +4,16 @@ PyTorch's CPU kernels run their parallel regions on OpenMP (libgomp). Every thre
 a region with two or more threads gets its own pool of OpenMP workers, kept while it lives. Once
 the process holds more such threads than it has CPUs, libgomp spins only briefly before it puts
 them to sleep, so every later region, in every thread, pays to wake them. On a 2-core EPYC one
-int8 linear of a decode step took 25 us from the one thread that had used OpenMP, and 80 to 98 us
-as soon as a second thread had too (exploration runs, session 13 and 14; README).
+int8 linear of a decode step took 26 us from the one thread that had used OpenMP, and 80 to 98 us
+as soon as a second thread had too (exploration runs, sessions 13 and 14; README).
 
 A service answers each request in a thread of its own (and decodes in the batcher's worker
 threads), so the cure is that one thread, the one that loaded the models, reads every prompt,
-scores every candidate and embeds every query. ``serve_while`` makes the calling thread that
-thread for as long as a function (the web server) runs in another; ``run`` hands a call to it
-and waits for the result. With nobody serving (tests, scripts, the pipeline's stages), ``run``
-calls the function where it is. Decode steps with one intra-op thread start no region and stay
-in the batcher's workers (pipeline/batching.py).
+runs every decode step, scores every candidate and embeds every query. ``serve_while`` makes
+the calling thread that thread for as long as a function (the web server) runs in another;
+``run`` hands a call to it and waits for the result. With nobody serving (tests, scripts, the
+pipeline's stages), ``run`` calls the function where it is. Decode steps asked to use one
+intra-op thread start no region and stay in the batcher's workers (pipeline/batching.py).
 """
 from __future__ import annotations
 

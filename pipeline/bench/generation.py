@@ -247,12 +247,13 @@ def concurrency(retriever, model, tokenizer, questions: list[str], clients=(1, 4
     aggregate tokens/s (every token written / wall time) and decode tokens/s (tokens written by
     decode steps / time in decode steps: prompt reading left out). ``lookup_tokens`` is the
     batcher's prompt lookup (0 = off; rows decoding together share it, DecodeBatch);
-    ``decode_threads`` its decode steps' intra-op threads (None: the service's default, 0: torch's),
-    ``workers`` its decode workers (each its own batch, in parallel).
+    ``decode_threads`` its decode steps' intra-op threads (None: the service's default; 0: every
+    thread, on this thread as it serves the model calls; 1: one, in each worker), ``workers``
+    its decode workers (each its own batch).
     Each batcher answers one question before the clients start, untimed (the first request
     pays one-time costs: the system turn's cache, kernel set-up). This thread serves the model
-    calls (retrieval, reading prompts) while the clients ask, as the service's main thread does
-    (pipeline/model_calls.py)."""
+    calls (retrieval, reading prompts, decode steps) while the clients ask, as the service's
+    main thread does (pipeline/model_calls.py)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from pipeline.batching import Batcher
