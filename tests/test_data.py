@@ -86,3 +86,41 @@ def test_cli_data_check(capsys):
 
     assert main(["data", "check", "--profile", "tiny"]) == 0
     assert json.loads(capsys.readouterr().out)["train"]["records"] >= 800
+
+
+def test_reader_split_is_checked_and_must_not_teach_an_eval_sentence(folders):
+    docs, qa = folders
+    (docs / "adam.md").write_text("# Adam\n\nAdam was proposed by Kingma and Ba. It keeps two moving averages.\n")
+    _write(qa / "train.jsonl", [GOOD, NONE])
+    _write(qa / "eval.jsonl", [{**GOOD, "id": "e-1", "question": "Which pair proposed Adam?"}])
+    fresh = {"id": "r-1", "question": "How many averages does Adam keep?", "answer": "Two moving averages.",
+             "doc": "adam.md", "facts": [["two moving averages"]]}
+    _write(qa / "reader.jsonl", [fresh])
+    assert check(qa, docs)["reader"]["records"] == 1
+    taught = {**GOOD, "id": "r-2", "question": "Who is behind Adam?"}  # eval's sentence
+    _write(qa / "reader.jsonl", [fresh, taught, {**GOOD, "id": "a-1", "question": "Again?"}])
+    with pytest.raises(DataError) as err:
+        check(qa, docs)
+    message = str(err.value)
+    assert "reader question r-2 is answered by the sentence eval question e-1 asks for" in message
+    assert "r-1" not in message
+    assert "id 'a-1' is in both train and reader" in message
+
+
+def test_reader_stage_trains_on_the_reader_split_outside_dev(folders):
+    from types import SimpleNamespace
+
+    from pipeline.data.records import in_dev_split
+    from pipeline.stages.reader import Config, training_questions
+
+    docs, qa = folders
+    rows = [{**GOOD, "id": f"a-{i}", "question": f"Who made Adam, {i}?"} for i in range(40)]
+    _write(qa / "train.jsonl", rows)
+    _write(qa / "reader.jsonl", [{**GOOD, "id": "r-1", "question": "Who wrote Adam?"}])
+    cfg = SimpleNamespace(paths=SimpleNamespace(resolve=lambda key: {"qa": qa, "docs": docs}[key]),
+                          dataset=SimpleNamespace(validation_share=0.1))
+    dev, used = training_questions(cfg, Config())
+    assert dev and all(in_dev_split(r.id, 0.1) for r in dev)
+    assert {r.id for r in used} == {r["id"] for r in rows if not in_dev_split(r["id"], 0.1)} | {"r-1"}
+    _, without = training_questions(cfg, Config(reader_questions=False))
+    assert "r-1" not in {r.id for r in without} and len(without) == len(used) - 1
