@@ -3,9 +3,8 @@
 The train questions outside the dev split are shuffled (seeded) and halved; a reader is
 trained on the first half with the `reader` config section (overrides included: `python -m
 pipeline reader-holdout reader.epochs=2`) and scored on the second with the stage's own
-figures (best sentence right, silence AUC). data/qa/reader.jsonl's questions, when present and
-`reader.reader_questions` is on, join the first half. Train questions only, never dev or eval:
-this is where reader recipes are compared. The reader it trains goes to a temporary folder; the built
+figures (best sentence right, silence AUC). Train split only, never dev or eval: this is where
+reader recipes are compared. The reader it trains goes to a temporary folder; the built
 `reader` stage is not touched.
 """
 from __future__ import annotations
@@ -28,15 +27,13 @@ def halves(records: list, share: float, seed: int) -> tuple[list, list]:
 
 def holdout(cfg) -> dict:
     from pipeline.artifacts import Artifacts
-    from pipeline.data.records import load_split, reader_questions
+    from pipeline.data.records import load_split
     from pipeline.reader import Reader, labelled_pairs, train
     from pipeline.retrieval.retriever import Retriever
     from pipeline.stages.reader import dev_report
 
     index = Artifacts(cfg.paths.resolve("artifacts")).require("index")
     fit, scored = halves(load_split(cfg.paths.resolve("qa"), "train"), cfg.dataset.validation_share, cfg.seed)
-    if cfg.reader.reader_questions:
-        fit = fit + reader_questions(cfg.paths.resolve("qa"))
     retriever = Retriever(index, cfg.retrieval)
     embedder = json.loads((index / "manifest.json").read_text())["embedder"]
     with tempfile.TemporaryDirectory(prefix="reader-holdout-") as folder:

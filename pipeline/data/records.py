@@ -1,7 +1,6 @@
 """QA records: the schema, loading with line-level errors, and ``data check``.
 
-A record (one JSON object a line in data/qa/train.jsonl, eval.jsonl or the optional
-reader.jsonl)::
+A record (one JSON object a line in data/qa/train.jsonl or eval.jsonl)::
 
     id        unique string
     question  the user's question
@@ -20,9 +19,6 @@ from pipeline.data.normalize import contains_fact, normalize
 from pipeline.errors import UserError
 
 SPLITS = ("train", "eval")
-# Optional: more annotated train questions that only the `reader` stage trains on (the policy's
-# SFT data, about 5 s a conversation to train on 2 cores, stays train.jsonl's).
-READER_SPLIT = "reader"
 
 
 class DataError(UserError):
@@ -110,11 +106,6 @@ def sample_records(records: list["QARecord"], most: int, rng) -> list["QARecord"
     return rng.sample(records, min(most, len(records))) if most else records
 
 
-def reader_questions(qa_dir: Path) -> list[QARecord]:
-    """The optional reader split's records (none when reader.jsonl is absent)."""
-    return load_split(qa_dir, READER_SPLIT) if (Path(qa_dir) / f"{READER_SPLIT}.jsonl").exists() else []
-
-
 def load_split(qa_dir: Path, split: str) -> list[QARecord]:
     """All records of a split; raises ``DataError`` listing every bad line."""
     path = Path(qa_dir) / f"{split}.jsonl"
@@ -127,11 +118,9 @@ def load_split(qa_dir: Path, split: str) -> list[QARecord]:
 
 
 def check(qa_dir: Path, docs_dir: Path) -> dict:
-    """Validate every split (reader.jsonl when present) against the schema and the documents;
-    return the counts."""
+    """Validate both splits against the schema and the documents; return the counts."""
     problems, splits = [], {}
-    optional = [READER_SPLIT] if (Path(qa_dir) / f"{READER_SPLIT}.jsonl").exists() else []
-    for split in SPLITS + tuple(optional):
+    for split in SPLITS:
         path = Path(qa_dir) / f"{split}.jsonl"
         if not path.exists():
             problems.append(f"{path}: missing")
@@ -157,46 +146,15 @@ def check(qa_dir: Path, docs_dir: Path) -> dict:
             elif any(not contains_fact(doc_text[record.doc], fact) for fact in record.facts):
                 problems.append(f"{where}: a fact is not in '{record.doc}'")
         problems += [f"{path}: duplicate id '{i}' ({n} times)" for i, n in seen.items() if n > 1]
-    if "eval" in splits:
-        for split in set(splits) - {"eval"}:
-            ids = {r.id for r in splits[split]}
-            problems += [f"id '{r.id}' is in both {split} and eval" for r in splits["eval"] if r.id in ids]
-            questions = {normalize(r.question) for r in splits[split]}
-            problems += [f"eval question '{r.question}' ({r.id}) also appears in {split}"
-                         for r in splits["eval"] if normalize(r.question) in questions]
-    if "train" in splits and READER_SPLIT in splits:
+    if len(splits) == 2:
         train_ids = {r.id for r in splits["train"]}
-        problems += [f"id '{r.id}' is in both train and {READER_SPLIT}" for r in splits[READER_SPLIT]
-                     if r.id in train_ids]
-    if "eval" in splits and READER_SPLIT in splits:
-        problems += _taught_eval_sentences(splits[READER_SPLIT], splits["eval"], Path(docs_dir))
+        problems += [f"id '{r.id}' is in both train and eval" for r in splits["eval"] if r.id in train_ids]
+        train_questions = {normalize(r.question) for r in splits["train"]}
+        problems += [f"eval question '{r.question}' ({r.id}) also appears in train"
+                     for r in splits["eval"] if normalize(r.question) in train_questions]
     if problems:
         raise DataError(f"{len(problems)} problem(s):\n" + "\n".join(problems))
     return counts(splits)
-
-
-def _gold_sentences(record: QARecord, sentences: list[str]) -> set[int]:
-    return {i for i, s in enumerate(sentences) if all(contains_fact(s, fact) for fact in record.facts)}
-
-
-def _taught_eval_sentences(extra: list[QARecord], evaluated: list[QARecord], docs_dir: Path) -> list[str]:
-    """Decontamination: a reader question must not make a positive of the document sentence an
-    eval question's facts are in (the reader would be taught eval's answer)."""
-    import re
-
-    problems = []
-    for doc in sorted({r.doc for r in extra if r.answerable}):
-        path = docs_dir / doc
-        if not path.exists():
-            continue  # reported above
-        text = "\n".join(line for line in path.read_text(encoding="utf-8").splitlines() if not line.startswith("#"))
-        sentences = [s for s in re.split(r"(?<=[.!?])\s+|\n+", text) if s.strip()]
-        asked = [(r, _gold_sentences(r, sentences)) for r in evaluated if r.doc == doc]
-        for record in (r for r in extra if r.doc == doc):
-            gold = _gold_sentences(record, sentences)
-            problems += [f"{READER_SPLIT} question {record.id} is answered by the sentence eval question {e.id} "
-                         "asks for; drop it or ask about another sentence" for e, taught in asked if gold & taught]
-    return problems
 
 
 def counts(splits: dict[str, list[QARecord]]) -> dict:

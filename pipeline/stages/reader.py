@@ -1,8 +1,7 @@
 """Stage `reader`: the cross-encoder that copy decoding scores sentences with (pipeline/reader.py).
 
 Reads:  data/qa/train.jsonl (the records outside the dataset stage's dev split, never
-        eval.jsonl), data/qa/reader.jsonl when present (more train questions, for the reader
-        only; pipeline/data/records.py) and the `index` artifact (retrieval as served; its embedder is the
+        eval.jsonl) and the `index` artifact (retrieval as served; its embedder is the
         starting point).
 Writes: artifacts/reader/adapter/ (its LoRA adapter and one-logit head), reader.json (the
         model under it) and meta.json: training figures and, on the dev split's questions
@@ -29,23 +28,10 @@ CONFIG_SECTIONS = ("retrieval", "dataset")  # the dataset stage's dev split is l
 @dataclass
 class Config(ReaderSettings):
     max_questions: int = 0  # train questions used (0 = all outside the dev split)
-    reader_questions: bool = True  # train on data/qa/reader.jsonl's questions too (when present)
 
 
 def inputs(cfg) -> list[Path]:
-    from pipeline.data.records import READER_SPLIT
-
-    return [cfg.paths.resolve("qa") / "train.jsonl", cfg.paths.resolve("qa") / f"{READER_SPLIT}.jsonl"]
-
-
-def training_questions(cfg, config) -> tuple[list, list]:
-    """(dev split, the questions the reader trains on): train.jsonl outside dev, plus
-    reader.jsonl's when ``config.reader_questions``."""
-    from pipeline.data.records import load_split, reader_questions, split_dev
-
-    qa = cfg.paths.resolve("qa")
-    dev, used = split_dev(load_split(qa, "train"), cfg.dataset.validation_share)
-    return dev, used + (reader_questions(qa) if config.reader_questions else [])
+    return [cfg.paths.resolve("qa") / "train.jsonl"]
 
 
 def dev_report(reader, records, retriever) -> dict:
@@ -76,11 +62,12 @@ def dev_report(reader, records, retriever) -> dict:
 
 
 def run(config: Config, ctx) -> dict:
+    from pipeline.data.records import load_split, split_dev
     from pipeline.reader import Reader, labelled_pairs, train
     from pipeline.retrieval.retriever import Retriever
 
     cfg = ctx.config
-    dev, used = training_questions(cfg, config)
+    dev, used = split_dev(load_split(cfg.paths.resolve("qa"), "train"), cfg.dataset.validation_share)
     if config.max_questions:
         used = random.Random(cfg.seed).sample(used, min(config.max_questions, len(used)))
     retriever = Retriever(ctx.parent("index"), cfg.retrieval)
