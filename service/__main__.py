@@ -106,7 +106,8 @@ def make_library(cfg, args, engine):
         return None
     docs = Path(args.docs).resolve() if args.docs else cfg.paths.resolve("docs")
     key = hashlib.sha256(str(docs).encode()).hexdigest()[:12]
-    library = Library(docs, engine.retriever.folder, REPO_ROOT / "cache" / "library" / key, cfg.index)
+    library = Library(docs, engine.retriever.folder, REPO_ROOT / "cache" / "library" / key, cfg.index,
+                      embedder=engine.retriever.embedder)  # one embedder for queries and uploads
     if library.documents():  # uploads from an earlier session: serve them again
         engine.set_index(library.rebuild())
     return library

@@ -8,12 +8,10 @@ from pathlib import Path
 
 import gradio as gr
 
-from service.library import MAX_UPLOAD_BYTES
-
-from pipeline import model_calls
 from pipeline.errors import UserError
 from pipeline.prompt import cited_numbers
 from service.engine import Engine, GenerationSettings
+from service.library import MAX_UPLOAD_BYTES
 
 log = logging.getLogger("service.app")
 TITLE = "alignrag: aligned, retrieval-augmented chat"
@@ -108,7 +106,7 @@ def build_ui(engine: Engine, default_variant: str = "base", library=None, feedba
         for file in files or []:
             path = getattr(file, "name", file)
             try:
-                engine.set_index(model_calls.run(library.add_path, Path(path)))  # embeds: a model call
+                engine.set_index(library.add_path(Path(path)))  # its embedding batches are model calls
                 messages.append(f"added {Path(path).name}")
             except UserError as err:
                 messages.append(f"⚠️ {err}")
@@ -118,7 +116,7 @@ def build_ui(engine: Engine, default_variant: str = "base", library=None, feedba
         if library is None or not name:
             return documents_table(), "Choose a document to remove."
         try:
-            engine.set_index(model_calls.run(library.remove, name))
+            engine.set_index(library.remove(name))
             return documents_table(), f"removed {name}"
         except UserError as err:
             return documents_table(), f"⚠️ {err}"

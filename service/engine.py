@@ -57,6 +57,17 @@ class Reply:
     messages: list = field(default_factory=list)  # the exact prompt the model answered
 
 
+def _embedder_name(index_dir: Path) -> str | None:
+    """The embedder an index was built with (its manifest), or None if unreadable (loading the
+    index then says what is wrong)."""
+    import json
+
+    try:
+        return json.loads((Path(index_dir) / "manifest.json").read_text())["embedder"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def token_count(tokenizer, text: str) -> int:
     return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
@@ -77,6 +88,7 @@ class Engine:
         self.retrieval = retrieval or RetrievalSettings()
         self.index_dir = Path(index_dir) if index_dir else None
         self._retriever = None
+        self._query_embedder = None  # the served index's, kept across set_index
         self._models: dict[str, tuple] = {}
         self._thresholds: dict[str, float | None] = {}  # read once per variant, like its weights
         self._selectors: dict[str, object] = {}  # copy-decoding selectors, read once per variant
@@ -142,13 +154,18 @@ class Engine:
                 from pipeline.retrieval.retriever import Retriever
 
                 folder = self.index_dir or self.artifacts.require("index")
-                retriever = Retriever(folder, self.retrieval)
-                retriever.embedder  # load the query embedder now, under the lock
+                kept = self._query_embedder  # another index's: reused when it is the same model
+                same = kept is not None and _embedder_name(folder) == kept.name
+                retriever = Retriever(folder, self.retrieval, embedder=kept if same else None)
+                self._query_embedder = retriever.embedder  # loaded now, under the lock
                 self._retriever = retriever
             return self._retriever
 
     def set_index(self, folder: Path) -> None:
-        self.index_dir, self._retriever = Path(folder), None
+        """Serve ``folder`` from the next question on (its query embedder is reused when it was
+        built with the same model: loading one takes seconds)."""
+        with self._load_lock:
+            self.index_dir, self._retriever = Path(folder), None
 
     # -- answering -------------------------------------------------------------------
     def prepare(self, question: str, history: Sequence[tuple[str, str]], variant: str,

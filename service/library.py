@@ -3,6 +3,11 @@
 Uploads live in ``<work>/uploads/``. The served index is rebuilt in ``<work>/index/`` from the
 original documents plus the uploads; embeddings are reused by chunk id from the previous build
 (the first time, from the index being served), so an upload costs only its own chunks.
+
+A rebuild runs in the caller's thread (a web request's), except for the embedder (the service's
+query embedder, shared): it runs as model calls (pipeline/model_calls.py), a few chunks at a
+time, so the chat's own model calls take turns with an upload's batches instead of waiting for
+all of them.
 """
 from __future__ import annotations
 
@@ -12,10 +17,16 @@ import tempfile
 import threading
 from pathlib import Path
 
+import numpy as np
+
+from pipeline import model_calls
 from pipeline.errors import UserError
 from pipeline.retrieval.ingest import SUPPORTED, IngestReport, read_file
 
 MAX_UPLOAD_BYTES = 10 * 2**20
+# Chunks embedded per model call during a rebuild: a chat's model call waits for at most one
+# such batch (about 0.4 s for 8 chunks of 160 tokens on 2 cores; README, "The chat service").
+REBUILD_BATCH = 8
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -32,7 +43,9 @@ class Library:
     never share the staging folder. A same-name upload is refused, never silently replaced."""
 
     def __init__(self, docs_dir: Path | None, served_index: Path, work_dir: Path, index_settings,
-                 max_bytes: int = MAX_UPLOAD_BYTES):
+                 max_bytes: int = MAX_UPLOAD_BYTES, embedder=None):
+        """``embedder``: a loaded pipeline.retrieval.embedder.Embedder to share (the service's
+        query embedder); one is loaded on the first rebuild when it is None or another model."""
         self.docs_dir = Path(docs_dir) if docs_dir else None
         self.served_index = Path(served_index)
         self.uploads = Path(work_dir) / "uploads"
@@ -41,6 +54,7 @@ class Library:
         self.max_bytes = max_bytes
         self.uploads.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self._embedder = embedder
         from pipeline.artifacts import Artifacts
 
         Artifacts(self.index_dir.parent).recover(self.index_dir.name)  # a rebuild killed mid-swap
@@ -115,10 +129,35 @@ class Library:
                         link.symlink_to(path.resolve())
             if any(self.uploads.iterdir()):
                 (view / "uploads").symlink_to(self.uploads.resolve(), target_is_directory=True)
-            embedder = Embedder(self.settings.embedder, self.settings.batch_size)
+            if self._embedder is None or self._embedder.name != self.settings.embedder:
+                self._embedder = model_calls.run(Embedder, self.settings.embedder, self.settings.batch_size)
+            embedder = BatchedModelCalls(self._embedder, min(REBUILD_BATCH, self.settings.batch_size))
             with Artifacts(self.index_dir.parent).publish(self.index_dir.name) as staging:
                 build_index(_follow(view), staging, self.settings, embedder, previous)
         return self.index_dir
+
+
+class BatchedModelCalls:
+    """An embedder (pipeline/retrieval/embedder.py) whose ``encode`` runs one batch per model
+    call, and a copy of its tokenizer for chunking in the caller's thread: a fast tokenizer
+    keeps its padding settings in shared state, so chunking with the embedder's own tokenizer
+    while the serving thread embeds a query broke that query's batch ("Unable to create
+    tensor", seen in the load test)."""
+
+    def __init__(self, embedder, batch_size: int):
+        import copy
+
+        self._embedder = embedder
+        self.tokenizer = copy.deepcopy(embedder.tokenizer)
+        self.batch_size = max(1, int(batch_size))
+
+    def encode(self, texts: list[str], progress: bool = False) -> np.ndarray:
+        from tqdm.auto import tqdm
+
+        starts = range(0, len(texts), self.batch_size)
+        parts = [model_calls.run(self._embedder.encode, texts[i:i + self.batch_size])
+                 for i in tqdm(starts, desc="embedding", unit="batch", disable=not progress or not texts)]
+        return np.concatenate(parts) if parts else self._embedder.encode([])
 
 
 def _follow(view: Path) -> Path:

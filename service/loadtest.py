@@ -8,6 +8,7 @@ then, each phase bounded in requests and time:
 3. clients that drop a stream after its first chunk: the next answer's latency is compared
    with an undisturbed one;
 4. a fuzz pass over the request schema: every malformed request gets a 4xx, the server stays up;
+   then chat answers while a large upload is indexed: they must not wait for the whole rebuild;
 5. SIGKILL during an index rebuild (an upload), then a restart: the index loads and serves;
 6. a pipeline stage killed mid-run: the previous artifact is intact and the rerun completes.
 
@@ -158,6 +159,34 @@ def fuzz(url: str, cases: int, seed: int = 0) -> dict:
             "alive_after": alive}
 
 
+def answers_during_upload(url: str, work: Path, probe_tokens: int) -> dict:
+    """Chat answers while a large upload (about 130 chunks) is indexed. Its embedding batches
+    are model calls the chat's take turns with (service/library.py), so an answer must not
+    wait for the whole rebuild: the slowest must take under half the upload's time."""
+    from gradio_client import Client, handle_file
+
+    before = min(ask(url, "What does dropout do?", probe_tokens)[1] for _ in range(2))
+    note = work / "large-upload.md"
+    note.write_text("# Large upload\n\n" + "\n\n".join(
+        f"## Part {p}\n\n" + " ".join(f"Sentence {i} of part {p} is about indexing while chatting." for i in range(40))
+        for p in range(40)))
+    client = Client(url + "/", verbose=False)
+    started = time.perf_counter()
+    job = client.submit([handle_file(str(note))], api_name="/upload")
+    during = []
+    while not job.done():
+        during.append(ask(url, "What does dropout do?", probe_tokens))
+    upload_s = time.perf_counter() - started
+    listing, status = job.result()
+    Client(url + "/", verbose=False).predict(note.name, api_name="/remove_document")
+    slowest = max((s for _, s in during), default=0.0)
+    return {"upload_s": round(upload_s, 2), "upload_status": status, "probe_before_s": round(before, 2),
+            "answers_during": len(during), "slowest_during_s": round(slowest, 2),
+            "errors": sum(code != 200 for code, _ in during),
+            "ok": note.name in listing and bool(during) and slowest < upload_s / 2
+            and all(code == 200 for code, _ in during)}
+
+
 def kill_during_rebuild(server: Server, work: Path) -> dict:
     """Upload a document (its index rebuild takes seconds), SIGKILL the server mid-rebuild,
     restart it: it must serve, from an index that loads."""
@@ -213,6 +242,10 @@ def write_report(results: dict, out: Path) -> None:
     fz = results["fuzz"]
     lines.append(f"| fuzz: {fz['requests']} malformed requests | {fz['client_errors']} 4xx, {fz['ok']} 200, "
                  f"{fz['server_errors']} 5xx; server {'up' if fz['alive_after'] else 'DOWN'} |")
+    during = results["answers_during_upload"]
+    lines.append(f"| {during['answers_during']} answers while a {during['upload_s']} s upload was indexed | "
+                 f"slowest {during['slowest_during_s']} s (undisturbed {during['probe_before_s']} s), "
+                 f"{during['errors']} errors: {'ok' if during['ok'] else 'WAITED'} |")
     for key, label in (("kill_during_rebuild", "SIGKILL during an index rebuild, restart"),
                        ("kill_stage", "pipeline stage SIGKILLed mid-run, rerun")):
         if key in results:
@@ -245,6 +278,7 @@ def main(argv=None) -> int:
         results["burst"] = burst(server.url, burst_size, args.max_tokens)
         results["dropped_streams"] = dropped_streams(server.url, 2 if args.quick else 5, 400, 8)
         results["fuzz"] = fuzz(server.url, 30 if args.quick else 200)
+        results["answers_during_upload"] = answers_during_upload(server.url, work, 8)
         results["peak_rss_mb"] = server.peak_rss_mb()
         if not args.no_faults:
             results["kill_during_rebuild"] = kill_during_rebuild(server, work)
@@ -260,6 +294,7 @@ def main(argv=None) -> int:
     print((Path(args.out) / "reliability.md").read_text())
     failed = (results["concurrent_clients"]["errors"] or results["burst"]["errors"] or not results["dropped_streams"]["ok"]
               or results["fuzz"]["server_errors"] or not results["fuzz"]["alive_after"]
+              or not results["answers_during_upload"]["ok"]
               or any(not results[k]["ok"] for k in ("kill_during_rebuild", "kill_stage") if k in results))
     return 1 if failed else 0
 

@@ -226,3 +226,31 @@ def test_retrieval_and_copy_decoding_run_on_the_thread_that_serves_model_calls(s
     served = model_calls.serve_while(lambda: engine.answer("Who proposed Adam?", variant="sft").text)
     assert served == alone == "Adam was proposed by Diederik Kingma and Jimmy Ba in 2014 [1]."
     assert seen == {"search": {threading.current_thread()}, "answer": {threading.current_thread()}}
+
+
+def test_a_new_index_keeps_the_query_embedder_of_the_same_model(served_artifacts, tmp_path, monkeypatch):
+    """After an upload the next question must not load the embedder again (seconds)."""
+    import json
+    import shutil
+
+    engine = Engine(served_artifacts, numeric="fp32")
+    first = engine.retriever.embedder
+    rebuilt = tmp_path / "rebuilt"
+    shutil.copytree(engine.retriever.folder, rebuilt)
+    engine.set_index(rebuilt)
+    assert engine.retriever.folder == rebuilt and engine.retriever.embedder is first
+    assert engine.answer("Who proposed Adam?", settings=SHORT).passages[0].doc_id == "adam.md"
+    other = tmp_path / "other-model"
+    shutil.copytree(rebuilt, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    (other / "manifest.json").write_text(json.dumps({**manifest, "embedder": "another-model"}))
+    loaded = []
+
+    class Another:
+        def __init__(self, name, batch_size=64):
+            loaded.append(name)
+            self.name = name
+
+    monkeypatch.setattr("pipeline.retrieval.embedder.Embedder", Another)
+    engine.set_index(other)
+    assert engine.retriever.embedder.name == "another-model" and loaded == ["another-model"]

@@ -78,3 +78,67 @@ def test_feedback_exports_preference_pairs(tmp_path):
     assert count == 2 and len(rows) == 2
     assert rows[0]["chosen"][0]["content"] == "Kingma and Ba [1]." and rows[0]["rejected"][0]["content"] == "Hinton [1]."
     assert rows[1]["chosen"][0]["content"] == "Kingma and Ba [2]." and rows[1]["prompt"] == prompt
+
+
+@pytest.mark.slow
+def test_chat_model_calls_run_between_an_uploads_embedding_batches(library, monkeypatch):
+    """An upload embeds one batch per model call, so a chat's call queued meanwhile runs before
+    the upload's next batch instead of after the whole upload."""
+    import threading
+    import time
+    from dataclasses import replace
+
+    from pipeline import model_calls
+    from pipeline.retrieval.embedder import Embedder
+
+    library.settings = replace(library.settings, batch_size=1)
+    order, first_batch = [], threading.Event()
+    encode = Embedder.encode
+
+    def recorded(self, texts, progress=False):
+        order.append(("embed", threading.current_thread()))
+        if len(order) == 1:
+            first_batch.set()
+            time.sleep(0.3)  # the chat's call is queued while this batch runs
+        return encode(self, texts, progress)
+
+    monkeypatch.setattr(Embedder, "encode", recorded)
+
+    def chat():
+        first_batch.wait(30)
+        model_calls.run(lambda: order.append(("chat", threading.current_thread())))
+
+    def upload():
+        asker = threading.Thread(target=chat)
+        asker.start()
+        text = "\n\n".join(f"## Part {i}\n\n" + f"Lion fact number {i} is about momentum. " * 12 for i in range(3))
+        index = library.add("lion.md", f"# Lion\n\n{text}\n".encode())
+        asker.join()
+        return index
+
+    index = model_calls.serve_while(upload)
+    kinds = [kind for kind, _ in order]
+    assert kinds.count("embed") >= 3 and kinds[:2] == ["embed", "chat"], kinds
+    assert {thread for _, thread in order} == {threading.current_thread()}, "every call on the serving thread"
+    assert json.loads((index / "manifest.json").read_text())["embedded"] == kinds.count("embed")
+
+
+@pytest.mark.slow
+def test_an_upload_uses_the_shared_embedder_instead_of_loading_one(library, tmp_path, monkeypatch):
+    from pipeline.retrieval.embedder import Embedder
+
+    shared = Embedder()
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the library loaded an embedder of its own")
+
+    monkeypatch.setattr("pipeline.retrieval.embedder.Embedder", no_loading)
+    sharing = Library(library.docs_dir, library.served_index, tmp_path / "sharing", library.settings,
+                      max_bytes=2000, embedder=shared)
+    index = sharing.add("lion.md", b"# Lion\n\nThe Lion optimizer tracks only momentum.\n")
+    assert json.loads((index / "manifest.json").read_text())["embedded"] == 1
+    from service.library import BatchedModelCalls
+
+    batched = BatchedModelCalls(shared, 8)
+    assert batched.tokenizer is not shared.tokenizer, "chunking must not share the query embedder's tokenizer"
+    assert batched.tokenizer("Lion optimizer")["input_ids"] == shared.tokenizer("Lion optimizer")["input_ids"]

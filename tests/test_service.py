@@ -238,7 +238,7 @@ def test_chat_in_a_real_browser(server, tmp_path):
 
 def test_loadtest_quick_run_survives_load_and_faults(served_artifacts, tmp_path):
     """`python -m service.loadtest --quick` on a copy of the tiny artifacts: concurrent clients,
-    a burst past the queue bound, dropped streams, fuzzing, and both kills."""
+    a burst past the queue bound, dropped streams, fuzzing, answers during an upload, and both kills."""
     artifacts = tmp_path / "artifacts"
     shutil.copytree(served_artifacts, artifacts)
     docs = served_artifacts.parent / "docs"
@@ -251,6 +251,8 @@ def test_loadtest_quick_run_survives_load_and_faults(served_artifacts, tmp_path)
     assert report["concurrent_clients"]["errors"] == 0 and report["concurrent_clients"]["requests"] == 8
     assert report["burst"]["rate_limited"] > 0 and report["burst"]["errors"] == 0, report["burst"]
     assert report["fuzz"]["server_errors"] == 0 and report["fuzz"]["client_errors"] > 0
+    assert report["answers_during_upload"]["ok"] and report["answers_during_upload"]["answers_during"] > 0, \
+        report["answers_during_upload"]
     assert report["kill_during_rebuild"]["ok"] and report["kill_stage"]["previous_artifact_intact"]
     assert "| peak server memory" in (tmp_path / "reports" / "reliability.md").read_text()
 
