@@ -100,7 +100,7 @@ def _keep(answers: list[str], i: int, text: str | None, bar) -> None:
 
 # Guessed tokens a greedy row feeds each step (0 = off). Chosen on the 85 served dev prompts
 # (sft, greedy, one at a time): 15 guessed after the last two ids wrote 5.9 tokens a step and
-# decoded 3.4x faster than none (73.3 against 21.5 tokens/s), every reply identical (README,
+# decoded 3.4x faster than none (73.3 against 21.5 tokens/s), every reply identical (docs/results.md,
 # "Faster free decoding").
 LOOKUP_TOKENS = 15
 
@@ -111,7 +111,7 @@ def lookup_draft(ids: list[int], size: int, ngram: int = 2) -> list[int]:
 
     A grounded answer copies the passage's words, so its next tokens are usually already in
     the prompt. Decoding on a CPU is bound by reading the weights, so checking 15 guessed
-    tokens in one forward pass costs about twice writing one (README, "Faster free decoding")."""
+    tokens in one forward pass costs about twice writing one (docs/results.md, "Faster free decoding")."""
     for n in range(min(ngram, len(ids) - 1), 0, -1):
         tail = ids[-n:]
         for start in range(len(ids) - n - 1, -1, -1):

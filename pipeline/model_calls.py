@@ -5,7 +5,7 @@ a region with two or more threads gets its own pool of OpenMP workers, kept whil
 the process holds more such threads than it has CPUs, libgomp spins only briefly before it puts
 them to sleep, so every later region, in every thread, pays to wake them. On a 2-core EPYC one
 int8 linear of a decode step took 26 us from the one thread that had used OpenMP, and 80 to 98 us
-as soon as a second thread had too (exploration runs, sessions 13 and 14; README).
+as soon as a second thread had too (exploration runs, sessions 13 and 14; docs/results.md).
 
 A service answers each request in a thread of its own (and decodes in the batcher's worker
 threads), so the cure is that one thread, the one that loaded the models, reads every prompt,

@@ -90,12 +90,12 @@ def release_freed_memory() -> None:
 # two, against 31 us from the main thread). Since, on a 2-core AMD EPYC (AVX-512, bf16) with
 # prompt lookup and two workers, steps on the serving thread answered eight clients at p50
 # 3.4 and 3.8 s in two runs against 5.5 and 5.2 s, and one client at 0.67 and 0.58 s against
-# 0.69 and 0.77 s (README, Results, speed).
+# 0.69 and 0.77 s (docs/results.md, speed).
 DECODE_THREADS = 0
 # Decode workers of the service's batcher: each decodes its own batch of up to max_batch /
 # workers rows (pipeline/batching.py). Two on that 2-core EPYC, with prompt lookup
 # (int8-decode) and steps on the serving thread: eight clients got 61.2 tokens/s in all against
-# 43.5 with one worker, at p50 3.4 s against 6.8 s; one client alike (README, Results, speed).
+# 43.5 with one worker, at p50 3.4 s against 6.8 s; one client alike (docs/results.md, speed).
 DECODE_WORKERS = 2
 
 

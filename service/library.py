@@ -25,7 +25,7 @@ from pipeline.retrieval.ingest import SUPPORTED, IngestReport, read_file
 
 MAX_UPLOAD_BYTES = 10 * 2**20
 # Chunks embedded per model call during a rebuild: a chat's model call waits for at most one
-# such batch (about 0.4 s for 8 chunks of 160 tokens on 2 cores; README, "The chat service").
+# such batch (about 0.15 s for 8 chunks of 160 tokens on 2 cores; README, "The chat service").
 REBUILD_BATCH = 8
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 

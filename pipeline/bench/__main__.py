@@ -49,6 +49,9 @@ def main(argv=None) -> None:
                              "(0 = every thread, on the thread serving model calls; 1 = one, in each worker)")
     parser.add_argument("--decode-workers", type=int, nargs="+", default=[DECODE_WORKERS],
                         help="the batcher's decode workers the concurrent-clients section times")
+    parser.add_argument("--max-batch", type=int, nargs="+", default=[8],
+                        help="the batcher's rows in decode, across its workers, the concurrent-clients section times "
+                             "(the service's --max-batch: 8)")
     parser.add_argument("--memory-numeric", nargs="+", default=["fp32", "int8-decode"],
                         help="numeric paths whose serving memory is measured, each in a fresh process")
     parser.add_argument("--out", default="bench", help="report name: reports/<out>.json and .md")
@@ -147,9 +150,11 @@ def main(argv=None) -> None:
             for lookup in args.concurrency_lookup:
                 for threads in args.decode_threads:
                     for workers in args.decode_workers:
-                        rows += [{"numeric": path, **row} for row in generation.concurrency(
-                            retriever, path_model, tokenizer, [r.question for r in answerable], args.clients,
-                            lookup_tokens=lookup, decode_threads=threads, workers=workers)]
+                        for max_batch in args.max_batch:
+                            rows += [{"numeric": path, **row} for row in generation.concurrency(
+                                retriever, path_model, tokenizer, [r.question for r in answerable], args.clients,
+                                max_batch=max_batch, lookup_tokens=lookup, decode_threads=threads,
+                                workers=workers)]
         report["concurrency"] = {"variant": variant, "rows": rows}
         report["peak_rss_mb"] = peak_rss_mb()
     out = cfg.paths.resolve("reports")
@@ -252,7 +257,7 @@ def render(report: dict) -> str:
                   "this thread runs its model calls: prompts and decode steps (pipeline/model_calls.py); "
                   "\"model calls in its workers\": the same with no thread serving model calls, so the workers "
                   "read the prompts and step with every thread themselves "
-                  "(slower: a second thread's OpenMP pool slows every region; README, Results, speed).", ""]
+                  "(slower: a second thread's OpenMP pool slows every region; docs/results.md, speed).", ""]
         rows = [{"path": f"free, {name}", **timing} for name, timing in a["free"].items()]
         if "copy_decoding" in a:
             rows.append({"path": f"copy decoding, {next(iter(a['free']))}", **a["copy_decoding"],
