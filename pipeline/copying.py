@@ -18,22 +18,30 @@ Which sentence, and whether to refuse, is decided from these features of each ca
   question given the sentence alone ("Passage: <sentence>\nQuestion: <question>", plain
   text). Query likelihood reranking, as in UPR (arXiv 2204.07496). It costs a forward pass
   of the variant over every candidate, about 1 s a question on 2 cores.
+- ``unseen_names``: how many names in the question (a capitalised word past the first, a word
+  with a digit, an identifier such as ``task_type``; plain numbers are not names) no shown
+  passage mentions: "Keras", "VGG-16", "TREC-COVID". The same for every candidate of a
+  question; it is a question feature, read by the silence score only.
 
 Two scores, fitted on the dev split (train records no trainer saw; never eval) as the
 service sees it (each question retrieved through the index and prompted as served), turn the
 features into decisions. A logistic regression scores each candidate (does it hold the
-facts?); the reader's best score over the candidates scores the question (are the passages
-silent?): on the quick profile's dev split it told silent questions apart at AUC 0.967,
-against 0.956 for a regression that also read the best overlap and cosine. The refusal
-threshold is the one with the most right decisions on dev among those whose dev false-refusal
-rate stays within ``MAX_FALSE_REFUSAL`` (a refused answerable question is the failure users
-notice most). Whether the candidate score reads the variant's own ``question_likelihood`` is
-chosen on dev too, by leave-one-question-out right decisions with and without it (a tie drops
-it: it is the slow one). Everything is written to ``copying.json`` beside the variant's adapter.
+facts?); a second one scores the question (are the passages silent?) from the reader's best
+score over the candidates, and from the question's ``unseen_names`` where that helps: on the
+quick profile's dev split the best score alone told silent questions apart at AUC 0.967,
+against 0.956 for a regression that also read the best overlap and cosine, but it cannot tell
+that the passages about dropout say nothing of Keras. The refusal threshold is the one with
+the most right decisions on dev among those whose dev false-refusal rate stays within
+``MAX_FALSE_REFUSAL`` (a refused answerable question is the failure users notice most).
+Whether the candidate score reads the variant's own ``question_likelihood``, and whether the
+silence score reads ``unseen_names``, is chosen on dev too, by leave-one-question-out right
+decisions with and without each (a tie goes to the simpler: the variant's feature is the slow
+one). Everything is written to ``copying.json`` beside the variant's adapter.
 """
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,9 +52,12 @@ from pipeline.candidates import candidates, right, word_overlap
 from pipeline.prompt import REFUSAL, cited_numbers, is_refusal, strip_citations
 
 SETTINGS_FILE = "copying.json"
-FEATURES = ("reader_score", "word_overlap", "embedding_similarity", "passage_rank", "question_likelihood")
+FEATURES = ("reader_score", "word_overlap", "embedding_similarity", "passage_rank", "question_likelihood",
+            "unseen_names")
+SENTENCE_FEATURES = FEATURES[:4]  # what the candidate score reads, without the variant's own feature
 MODEL_FEATURE = "question_likelihood"
-QUESTION_FEATURES = ("reader_score",)  # the best candidate's
+QUESTION_FEATURES = ("reader_score",)  # the best candidate's, by default
+NAMES_FEATURE = "unseen_names"
 MAX_FALSE_REFUSAL = 0.05  # the dev false-refusal rate the refusal threshold may cost
 _NO_CANDIDATE = {"reader_score": -20.0, "question_likelihood": -20.0}  # best values with nothing shown
 # Plain text, no chat template: the template's default system prompt and turn markers would
@@ -70,6 +81,35 @@ class Candidates:
         if not self.replies:
             return np.array([_NO_CANDIDATE.get(n, 0.0) for n in names])
         return self.columns(names).max(0)
+
+
+_NAME = re.compile(r"[A-Za-z0-9][\w.\-]*\w|[A-Za-z0-9]")
+_NUMBER = re.compile(r"^[\d.\-x×/]+$")
+
+
+def question_names(question: str) -> list[str]:
+    """The names a question asks about: words past the first that are capitalised, hold a
+    digit or look like identifiers (``task_type``, ``nDCG``); plain numbers are not names."""
+    words = _NAME.findall(question)
+    return [w for w in words[1:] if not _NUMBER.match(w)
+            and (w[0].isupper() or any(ch.isdigit() for ch in w) or "_" in w or re.search(r"[a-z][A-Z]", w))]
+
+
+def mentions(text: str, name: str) -> bool:
+    """Whether ``text`` mentions ``name``: case-insensitively, as a whole word or its plural, its
+    singular too ("ResNets"); a hyphenated name without digits also by its capitalised part
+    ("BERT-style", "KL-penalised"). Lower-case ``text`` is expected."""
+    lowered = name.lower()
+    forms = {lowered, lowered[:-1] if lowered.endswith("s") and len(lowered) > 3 else lowered}
+    if "-" in name and not any(ch.isdigit() for ch in name):
+        forms |= {part.lower() for part in name.split("-") if len(part) > 1 and part[0].isupper()}
+    return any(re.search(r"(?<![a-z0-9])" + re.escape(form) + r"(?:e?s)?(?![a-z0-9])", text) for form in forms)
+
+
+def unseen_names(question: str, shown: str) -> int:
+    """How many of the question's names (``question_names``) the shown text never mentions."""
+    lowered = shown.lower()
+    return sum(not mentions(lowered, name) for name in question_names(question))
 
 
 def question_likelihoods(model, tokenizer, question: str, sentences: list[str]) -> list[float]:
@@ -96,7 +136,8 @@ def featurize(model, tokenizer, embedder, reader, messages: list[dict], with_mod
                [word_overlap(question, s) for s in sentences],
                (vectors[1:] @ vectors[0]).tolist(),
                [cited_numbers(r)[0] for r in replies],
-               question_likelihoods(model, tokenizer, question, sentences) if with_model else [0.0] * len(replies)]
+               question_likelihoods(model, tokenizer, question, sentences) if with_model else [0.0] * len(replies),
+               [unseen_names(question, " ".join(headings + sentences))] * len(replies)]
     return Candidates(question, replies, np.array(columns, dtype=np.float64).T)
 
 
@@ -195,15 +236,17 @@ class Selector:
 
 
 def fit(cands: list[Candidates], facts: list[list[list[str]] | None],
-        features: tuple[str, ...] = FEATURES[:4]) -> tuple[Selector, dict]:
-    """Fit both scores on dev and choose the threshold with the most right decisions there
-    among those within ``MAX_FALSE_REFUSAL``."""
+        features: tuple[str, ...] = SENTENCE_FEATURES,
+        question_features: tuple[str, ...] = QUESTION_FEATURES) -> tuple[Selector, dict]:
+    """Fit both scores on dev (the candidate score on ``features``, the silence score on the
+    best values of ``question_features``) and choose the threshold with the most right
+    decisions there among those within ``MAX_FALSE_REFUSAL``."""
     rows = [(c, f) for c, f in zip(cands, facts) if f is not None and c.replies]
     x = np.concatenate([c.columns(features) for c, _ in rows]) if rows else np.zeros((0, len(features)))
     y = np.concatenate([[right(r, f) for r in c.replies] for c, f in rows]) if rows else np.zeros(0, bool)
     sentence = Linear.fit(x, y)
-    silence = Linear.fit(np.array([c.best(QUESTION_FEATURES) for c in cands]), np.array([f is None for f in facts]))
-    selector = Selector(tuple(features), sentence, silence, 0.0, QUESTION_FEATURES)
+    silence = Linear.fit(np.array([c.best(question_features) for c in cands]), np.array([f is None for f in facts]))
+    selector = Selector(tuple(features), sentence, silence, 0.0, tuple(question_features))
     scores = [selector.silence_score(c) for c in cands]
     picks = [selector.pick(c) for c in cands]
     curve = []
@@ -224,20 +267,28 @@ def fit(cands: list[Candidates], facts: list[list[list[str]] | None],
     return selector, report
 
 
-def leave_one_out(cands: list[Candidates], facts, features: tuple[str, ...]) -> int:
+def leave_one_out(cands: list[Candidates], facts, features: tuple[str, ...],
+                  question_features: tuple[str, ...] = QUESTION_FEATURES) -> int:
     """Right decisions on dev when each question is decided by a selector fitted on the others."""
-    return sum(right(fit(cands[:i] + cands[i + 1:], facts[:i] + facts[i + 1:], features)[0].reply(c), f)
+    return sum(right(fit(cands[:i] + cands[i + 1:], facts[:i] + facts[i + 1:], features, question_features)[0]
+                     .reply(c), f)
                for i, (c, f) in enumerate(zip(cands, facts)))
 
 
 def choose(cands: list[Candidates], facts) -> tuple[Selector, dict]:
-    """The selector with or without the variant's own feature, whichever makes more right
-    decisions on dev, leave one question out (a tie goes to the faster one, without)."""
-    without, with_model = FEATURES[:4], FEATURES
-    right_without, right_with = leave_one_out(cands, facts, without), leave_one_out(cands, facts, with_model)
-    selector, report = fit(cands, facts, with_model if right_with > right_without else without)
-    report["leave_one_out_right"] = {"without question_likelihood": right_without,
-                                     "with question_likelihood": right_with}
+    """The selector whose features make the most right decisions on dev, leave one question
+    out: the candidate score with or without the variant's own feature, the silence score with
+    or without the question's unseen names. A tie goes to the simpler one (without the
+    variant's feature first: it is the slow one)."""
+    options = [(SENTENCE_FEATURES, QUESTION_FEATURES), (SENTENCE_FEATURES, QUESTION_FEATURES + (NAMES_FEATURE,)),
+               (SENTENCE_FEATURES + (MODEL_FEATURE,), QUESTION_FEATURES),
+               (SENTENCE_FEATURES + (MODEL_FEATURE,), QUESTION_FEATURES + (NAMES_FEATURE,))]
+    counts = [leave_one_out(cands, facts, *option) for option in options]
+    best = options[counts.index(max(counts))]  # index() finds the first, the simpler, of a tie
+    selector, report = fit(cands, facts, *best)
+    report["leave_one_out_right"] = {
+        f"{'with' if MODEL_FEATURE in f else 'without'} {MODEL_FEATURE}, "
+        f"{'with' if NAMES_FEATURE in q else 'without'} {NAMES_FEATURE}": n for (f, q), n in zip(options, counts)}
     return selector, report
 
 

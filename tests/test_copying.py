@@ -75,10 +75,53 @@ def test_the_dev_split_decides_whether_the_variant_is_read():
     informative_model = _synthetic(3, informative=FEATURES.index("question_likelihood"))
     selector, report = choose(*informative_model)
     counts = report["leave_one_out_right"]
-    assert counts["with question_likelihood"] > counts["without question_likelihood"]
-    assert selector.reads_model and selector.features == FEATURES
+    assert (counts["with question_likelihood, without unseen_names"]
+            > counts["without question_likelihood, without unseen_names"])
+    assert selector.reads_model and selector.features == copying.SENTENCE_FEATURES + ("question_likelihood",)
     selector, report = choose(*_synthetic(3))  # the model's feature is noise here
     assert not selector.reads_model and "question_likelihood" not in selector.features
+
+
+def _silent_by_names(seed: int, n: int = 45, names_tell: bool = True):
+    """Questions whose best reader score says little about silence; with ``names_tell``, the
+    silent ones name something no shown passage mentions."""
+    rng = np.random.default_rng(seed)
+    cands, facts = [], []
+    for i in range(n):
+        silent = i % 3 == 0
+        feats = rng.normal(size=(2, len(FEATURES)))
+        feats[0, 0] += 2.0  # the right sentence leads
+        feats[:, FEATURES.index("unseen_names")] = (1.0 if silent else 0.0) if names_tell else float(rng.integers(2))
+        cands.append(Candidates(f"q{i}", [f"right {i} [1].", f"wrong {i} [1]."], feats))
+        facts.append(None if silent else [[f"right {i}"]])
+    return cands, facts
+
+
+def test_the_dev_split_decides_whether_silence_reads_unseen_names():
+    selector, report = choose(*_silent_by_names(7))
+    counts = report["leave_one_out_right"]
+    assert (counts["without question_likelihood, with unseen_names"]
+            > counts["without question_likelihood, without unseen_names"])
+    assert selector.question_features == ("reader_score", "unseen_names")
+    held_out, facts = _silent_by_names(8)
+    assert sum(right(selector.reply(c), f) for c, f in zip(held_out, facts)) >= 0.9 * len(held_out)
+    selector, _ = choose(*_silent_by_names(7, names_tell=False))
+    assert selector.question_features == ("reader_score",), "noise is left out"
+
+
+def test_unseen_names_are_the_question_names_no_shown_passage_mentions():
+    from pipeline.copying import question_names, unseen_names
+
+    assert question_names("What is the default dropout rate in Keras Dropout layers?") == ["Keras", "Dropout"]
+    assert question_names("How many GPUs trained GPT-3 in 2020?") == ["GPUs", "GPT-3"]  # 2020: a number
+    assert question_names("Which task_type and nDCG@10 value?") == ["task_type", "nDCG"]
+    assert question_names("Who proposed it?") == []
+    shown = "Dropout zeroes units. ResNet uses BERT and the KL penalty; GPUs are fast."
+    assert unseen_names("What is the default dropout rate in Keras Dropout layers?", shown) == 1
+    assert unseen_names("What momentum trained the classic ResNets?", shown) == 0  # the singular is shown
+    assert unseen_names("Do BERT-style encoders mask? And KL-penalised rewards?", shown) == 0
+    assert unseen_names("How many layers does VGG-16 have, like GPT-3?", shown) == 2
+    assert unseen_names("What does Adam do?", "adamant people") == 1, "at a word start, not inside a word"
 
 
 def test_selector_refuses_above_threshold_and_without_candidates():
@@ -128,6 +171,10 @@ def test_featurize_scores_every_candidate_with_the_reader_and_the_model():
     column = {name: c.features[:, i] for i, name in enumerate(FEATURES)}
     assert list(column["reader_score"]) == [len(strip_citations(r)) for r in c.replies]
     assert len(set(column["reader_score"])) == 3
+    assert list(column["unseen_names"]) == [0, 0, 0, 0]
+    keras = copying.featurize(model, tokenizer, OverlapEmbedder(), LengthReader(),
+                              build_messages("Which value did Keras use for p in Dropout?", PASSAGES), with_model=False)
+    assert list(keras.features[:, FEATURES.index("unseen_names")]) == [1, 1, 1, 1], "Keras is shown nowhere"
     likelihood = column["question_likelihood"]
     assert np.all(likelihood < 0) and len(set(np.round(likelihood, 6))) == 4, "one score per sentence"
     # the batched score equals scoring one sentence alone
