@@ -9,9 +9,10 @@
   held-out questions (reports/eval.md).
 - ``int8-decode`` keeps what makes int8 fast and drops what makes it lossy: the prompt (prefill)
   runs through full-precision weights (bf16 where the CPU multiplies bf16 natively, fp32
-  elsewhere: emulated bf16 is slower than fp32), and each decoded token through int8
-  per-channel weights with its activations quantised per token. A decode step is one token, so
-  its scale is that token's own. The activation uses all 8 bits only where the CPU has VNNI;
+  elsewhere: emulated bf16 is slower than fp32), and each decode step through int8
+  per-channel weights with its activations quantised per row: a row's next token, with its
+  prompt lookup guesses when it has them (at most 16 tokens, pipeline/int8_decode.py), shares
+  one scale, so a long prompt's outliers never set it. The activation uses all 8 bits only where the CPU has VNNI;
   on AVX2 alone fbgemm sums u8 x s8 pairs in int16, which saturates on full-range inputs, so
   7 bits are used there (pipeline/cpu.py). The earlier measurement of this path on an AVX2
   CPU (-2.3 key-fact points, reports/int8-decode-check/) ran with 8 bits, saturating.

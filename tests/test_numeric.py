@@ -6,7 +6,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from pipeline.errors import UserError  # noqa: E402
-from pipeline.int8_decode import PrefillDecodeLinear  # noqa: E402
+from pipeline.int8_decode import DECODE_TOKENS, PrefillDecodeLinear  # noqa: E402
 from pipeline.numeric import to_numeric_path  # noqa: E402
 
 
@@ -22,7 +22,7 @@ def _layer_and_inputs(seed=0):
 def test_prefill_uses_bf16_weights_and_decode_uses_int8():
     linear, gen = _layer_and_inputs()
     layer = PrefillDecodeLinear(linear)
-    prompt = torch.randn(1, 5, 64, generator=gen)
+    prompt = torch.randn(1, DECODE_TOKENS + 4, 64, generator=gen)
     with torch.no_grad():
         exact, fast = linear(prompt), layer(prompt)
         dtype = layer.prefill_dtype  # bf16 where the CPU has it natively, else fp32
@@ -44,6 +44,22 @@ def test_decode_scales_each_row_on_its_own():
     with torch.no_grad():
         alone = layer(quiet)
         batched = layer(torch.cat([quiet, loud]))
+    torch.testing.assert_close(batched[:1], alone, rtol=0, atol=0)
+
+
+def test_a_lookup_step_runs_in_int8_one_scale_per_row():
+    """A decode step that feeds a row its next token and 15 guesses goes through int8, scaled
+    per row: another row's outlier does not change it."""
+    linear, gen = _layer_and_inputs(3)
+    layer = PrefillDecodeLinear(linear)
+    quiet = torch.randn(1, DECODE_TOKENS, 64, generator=gen)
+    loud = torch.randn(1, DECODE_TOKENS, 64, generator=gen) * 100
+    with torch.no_grad():
+        exact = linear(quiet)
+        full = (quiet.to(layer.prefill_dtype) @ linear.weight.to(layer.prefill_dtype).T).float() + linear.bias
+        alone, batched = layer(quiet), layer(torch.cat([quiet, loud]))
+    assert not torch.equal(alone, full), "the int8 kernel, not the prompt's"
+    assert (alone - exact).abs().max() < 0.05
     torch.testing.assert_close(batched[:1], alone, rtol=0, atol=0)
 
 
