@@ -29,9 +29,11 @@ def features() -> dict[str, bool]:
 def has_int8_dot_product() -> bool:
     """VNNI (AVX-512 or AVX) multiplies u8 x s8 into int32 directly. Without it fbgemm's AVX2
     kernel adds pairs of u8 x s8 products in int16, which saturates unless activations keep
-    to 7 bits (PyTorch's reduce_range=True)."""
+    to 7 bits (PyTorch's reduce_range=True). ``FBGEMM_ENABLE_INSTRUCTIONS=AVX2`` (fbgemm picks
+    its kernels from the CPU, not from ``ATEN_CPU_CAPABILITY``) runs those AVX2 kernels here."""
     flags = cpu_flags()
-    return "avx512_vnni" in flags or "avx_vnni" in flags
+    fbgemm_capped = os.environ.get("FBGEMM_ENABLE_INSTRUCTIONS", "").upper() == "AVX2"
+    return ("avx512_vnni" in flags or "avx_vnni" in flags) and not fbgemm_capped
 
 
 def capped_to_avx2() -> bool:

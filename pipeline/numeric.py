@@ -37,16 +37,17 @@ def check_numeric_path(path: str) -> str:
 def served_default() -> str:
     """The numeric path ``python -m service --numeric auto`` (its default) serves on this CPU.
 
-    int8-decode where the CPU has both native bf16 (its prompt path) and VNNI (its 8-bit
-    decode). On such a CPU it kept fp32's key-fact accuracy on all 225 held-out questions
-    (0.354 both, 4 lost / 4 gained; reports/eval-vnni; with its prompt lookup steps in int8 too,
-    0.376 against 0.354, 5 lost / 9 gained, reports/eval-int8-steps) and read the 707-token bench prompt 2.4x
-    sooner (reports/bench-lookup). fp32 elsewhere: without native bf16 its prompt is emulated,
-    3.6x slower than fp32's (reports/bench-lookup-avx2), and on AVX2 alone it decodes with
-    7-bit activations."""
+    int8-decode wherever fbgemm has int8 kernels (x86 with AVX2): its prompt runs in bf16 where
+    the CPU multiplies bf16 natively and in fp32 elsewhere, its decode steps in int8 (8-bit
+    activations with VNNI, 7-bit on AVX2 alone). With its prompt lookup steps in int8 it kept
+    fp32's key facts on all 225 held-out questions with AVX-512 and VNNI (0.376 against 0.354,
+    5 lost / 9 gained, reports/eval-int8-steps) and with every kernel capped to AVX2,
+    fbgemm's too (reports/eval-int8-steps-avx2), and answered sooner than fp32 with prompt
+    lookup on both (reports/bench-answers-int8-steps, reports/bench-answers-avx2-int8). fp32
+    elsewhere."""
     from pipeline import cpu
 
-    return "int8-decode" if cpu.has_native_bf16() and cpu.has_int8_dot_product() else "fp32"
+    return "int8-decode" if cpu.features()["avx2"] else "fp32"
 
 
 def to_numeric_path(model, path: str):

@@ -123,8 +123,8 @@ def main(argv=None) -> int:
     source.add_argument("--index", help="serve an index built by `python -m pipeline index`")
     source.add_argument("--docs", help="index this folder on the fly (cached by content)")
     parser.add_argument("--numeric", default="auto", choices=("auto",) + NUMERIC_PATHS,
-                        help="weights for free decoding; auto: int8-decode where the CPU has native bf16 "
-                             f"and VNNI, else {DEFAULT_NUMERIC} (pipeline.numeric.served_default)")
+                        help="weights for free decoding; auto: int8-decode where the CPU has AVX2, "
+                             f"else {DEFAULT_NUMERIC} (pipeline.numeric.served_default)")
     parser.add_argument("--no-build", action="store_true", help="never train; fail if artifacts are missing")
     parser.add_argument("--remote", metavar="URL", help="send generation to an OpenAI-compatible server")
     parser.add_argument("--remote-model", help="model name to ask the remote server for")

@@ -111,32 +111,42 @@ def test_unknown_path_is_named():
         to_numeric_path(None, "fp8")
 
 
-@pytest.mark.parametrize("bf16, vnni, expected", [(True, True, "int8-decode"), (True, False, "fp32"),
-                                                   (False, True, "fp32"), (False, False, "fp32")])
-def test_the_served_default_follows_the_cpu(monkeypatch, bf16, vnni, expected):
-    """int8-decode only where its bf16 prompt is native and its 8-bit decode has VNNI."""
+@pytest.mark.parametrize("flags, expected", [({"avx2", "avx512f", "avx512_bf16", "avx512_vnni"}, "int8-decode"),
+                                             ({"avx2"}, "int8-decode"), ({"sse4_2"}, "fp32")])
+def test_the_served_default_follows_the_cpu(monkeypatch, flags, expected):
+    """int8-decode wherever fbgemm has int8 kernels (AVX2 and up); fp32 elsewhere."""
     from pipeline import cpu
     from pipeline.numeric import served_default
 
-    monkeypatch.setattr(cpu, "has_native_bf16", lambda: bf16)
-    monkeypatch.setattr(cpu, "has_int8_dot_product", lambda: vnni)
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset(flags))
     assert served_default() == expected
 
 
 @pytest.mark.parametrize("env", [{"ATEN_CPU_CAPABILITY": "avx2"}, {"ONEDNN_MAX_CPU_ISA": "AVX2"}])
-def test_kernels_capped_to_avx2_have_no_native_bf16(monkeypatch, env):
-    """A CPU with AVX-512 BF16 whose kernels are capped to AVX2 emulates bf16: the served default
-    is then fp32, not int8-decode with its (then slow) bf16 prompt path."""
+def test_kernels_capped_to_avx2_read_prompts_in_fp32(monkeypatch, env):
+    """A CPU with AVX-512 BF16 whose kernels are capped to AVX2 emulates bf16: int8-decode then
+    reads prompts in fp32, not bf16."""
     from pipeline import cpu
-    from pipeline.numeric import served_default
 
     monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512_bf16", "avx512_vnni"}))
     for name in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA"):
         monkeypatch.delenv(name, raising=False)
-    assert cpu.has_native_bf16() and served_default() == "int8-decode"
+    assert cpu.has_native_bf16() and PrefillDecodeLinear(torch.nn.Linear(8, 4)).prefill_dtype == torch.bfloat16
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    assert not cpu.has_native_bf16() and served_default() == "fp32"
+    assert not cpu.has_native_bf16() and PrefillDecodeLinear(torch.nn.Linear(8, 4)).prefill_dtype == torch.float32
+
+
+def test_fbgemm_capped_to_avx2_keeps_activations_to_7_bits(monkeypatch):
+    """fbgemm picks its kernels from the CPU; FBGEMM_ENABLE_INSTRUCTIONS=AVX2 runs its AVX2 ones,
+    whose int16 pair sums saturate on 8-bit activations."""
+    from pipeline import cpu
+
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512_vnni"}))
+    monkeypatch.delenv("FBGEMM_ENABLE_INSTRUCTIONS", raising=False)
+    assert cpu.has_int8_dot_product() and not PrefillDecodeLinear(torch.nn.Linear(8, 4))._reduce_range
+    monkeypatch.setenv("FBGEMM_ENABLE_INSTRUCTIONS", "AVX2")
+    assert not cpu.has_int8_dot_product() and PrefillDecodeLinear(torch.nn.Linear(8, 4))._reduce_range
 
 
 @pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="malloc_trim is glibc's")
