@@ -16,22 +16,26 @@ from pipeline.prompt import REFUSAL
 def reward_ranked(selector, scorer, tokenizer, messages: list[dict], cands, most: int) -> list[tuple[int, float]]:
     """(candidate index, reward) of the selector's ``most`` best candidates, in the selector's
     order; empty when the selector refuses."""
+    from pipeline.copying import in_context
     from pipeline.scoring import reward_scores
 
     if selector.refuses(cands):
         return []
     order = selector.ranked(cands)[:most]
-    conversations = [messages + [{"role": "assistant", "content": cands.replies[i]}] for i in order]
+    conversations = [messages + [{"role": "assistant", "content": in_context(cands.replies, i)}] for i in order]
     return list(zip(order, reward_scores(scorer, tokenizer, conversations, batch_size=len(order))))
 
 
 def best_of(scored: list[tuple[int, float]], replies: list[str], n: int) -> str:
-    """The reply with the highest reward among the first ``n`` of ``scored`` (the refusal when
-    ``scored`` is empty); a tie goes to the selector's earlier choice."""
+    """The reply (in context, ``copying.in_context``) with the highest reward among the first
+    ``n`` of ``scored`` (the refusal when ``scored`` is empty); a tie goes to the selector's
+    earlier choice."""
+    from pipeline.copying import in_context
+
     if not scored:
         return REFUSAL
     head = scored[:n]
-    return replies[head[int(np.argmax([reward for _, reward in head]))][0]]
+    return in_context(replies, head[int(np.argmax([reward for _, reward in head]))][0])
 
 
 def best_of_n_answers(selector, scorer, score_tokenizer, prompts: list[list[dict]], cands: list,

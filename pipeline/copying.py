@@ -37,6 +37,14 @@ Whether the candidate score reads the variant's own ``question_likelihood``, and
 silence score reads ``unseen_names``, is chosen on dev too, by leave-one-question-out right
 decisions with and without each (a tie goes to the simpler: the variant's feature is the slow
 one). Everything is written to ``copying.json`` beside the variant's adapter.
+
+A sentence that leans on its neighbour is replied with it (``in_context``): "It helps the
+optimiser escape sharp minima" is replied after the sentence that says what "it" is, and
+"The cost of teacher forcing is a mismatch between training and inference" with the
+sentence after it, "This mismatch is called exposure bias". Both stay one passage's shown
+words, cited once. On the quick profile's dev split the rule joined 10 of the 59 answerable
+questions' picks and made 1 more right, 0 fewer (49 to 50); on the 510 answerable train
+questions outside dev (the reader's own, in-sample) 79 picks, 9 more right, 0 fewer.
 """
 from __future__ import annotations
 
@@ -49,7 +57,7 @@ import numpy as np
 
 from pipeline.answerability import candidate_thresholds
 from pipeline.candidates import candidates, right, word_overlap
-from pipeline.prompt import REFUSAL, cited_numbers, is_refusal, strip_citations
+from pipeline.prompt import REFUSAL, cite, cited_numbers, is_refusal, strip_citations
 
 SETTINGS_FILE = "copying.json"
 FEATURES = ("reader_score", "word_overlap", "embedding_similarity", "passage_rank", "question_likelihood",
@@ -63,6 +71,10 @@ _NO_CANDIDATE = {"reader_score": -20.0, "question_likelihood": -20.0}  # best va
 # Plain text, no chat template: the template's default system prompt and turn markers would
 # more than double the tokens of each short sequence, and this is the one model call a reply costs.
 QUESTION_PROMPT = "Passage: {sentence}\nQuestion:"
+# A sentence opening with one of these refers back to the sentence before it.
+REFERRING = re.compile(r"^(?:This|These|That|Those|It|Its|They|Their|Such|Both|Each)\b")
+MAX_REPLY_WORDS = 50  # a reply joined with its neighbour stays this short, or the pick goes alone
+_CITED = re.compile(r"\s*\[(\d{1,2})\]\s*([.!?]?)$")
 
 
 @dataclass
@@ -110,6 +122,31 @@ def unseen_names(question: str, shown: str) -> int:
     """How many of the question's names (``question_names``) the shown text never mentions."""
     lowered = shown.lower()
     return sum(not mentions(lowered, name) for name in question_names(question))
+
+
+def _sentence(reply: str) -> tuple[str, int]:
+    """A candidate reply's sentence and passage number: "It is fast [2]." -> ("It is fast.", 2)."""
+    match = _CITED.search(reply)
+    return reply[:match.start()] + match.group(2), int(match.group(1))
+
+
+def in_context(replies: list[str], i: int) -> str:
+    """Reply ``i`` with the shown sentence it leans on: the one before it in its passage when
+    it opens with a referring word ("It", "This", ``REFERRING``), and the one after it when that
+    one does ("This mismatch is called exposure bias."). The joined reply is cited once and
+    stays within ``MAX_REPLY_WORDS``; past that, reply ``i`` goes alone."""
+    sentence, number = _sentence(replies[i])
+    group = [sentence]
+    if i > 0 and REFERRING.match(sentence):
+        before, passage = _sentence(replies[i - 1])
+        if passage == number:
+            group.insert(0, before)
+    if i + 1 < len(replies):
+        after, passage = _sentence(replies[i + 1])
+        if passage == number and REFERRING.match(after):
+            group.append(after)
+    joined = " ".join(group)
+    return replies[i] if len(group) == 1 or len(joined.split()) > MAX_REPLY_WORDS else cite(joined, number)
 
 
 def question_likelihoods(model, tokenizer, question: str, sentences: list[str]) -> list[float]:
@@ -204,8 +241,9 @@ class Selector:
         return np.argsort(-self.sentence(c.columns(self.features)), kind="stable").tolist() if c.replies else []
 
     def pick(self, c: Candidates) -> str:
-        """The candidate the sentence score ranks first (the refusal when there is none)."""
-        return c.replies[self.ranked(c)[0]] if c.replies else REFUSAL
+        """The candidate the sentence score ranks first, in context (``in_context``); the
+        refusal when there is none."""
+        return in_context(c.replies, self.ranked(c)[0]) if c.replies else REFUSAL
 
     def refuses(self, c: Candidates) -> bool:
         return not c.replies or self.silence_score(c) > self.threshold

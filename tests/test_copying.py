@@ -231,3 +231,31 @@ def test_fit_on_a_dev_split_with_one_class_still_decides():
     selector, report = fit(cands, [None] * 4)  # every dev row silent: refuse everything
     assert all(selector.reply(c) == REFUSAL for c in cands)
     assert report["chosen"]["abstention"] == 1.0
+
+
+def test_a_referring_sentence_is_replied_with_the_sentence_it_leans_on():
+    replies = ["Greedy decoding picks the most probable token [1].", "It is fast but can commit early [1].",
+               "Beam search keeps k prefixes [2].", "This mismatch is called exposure bias [2]."]
+    # "It" leans on the sentence before it, in the same passage
+    assert copying.in_context(replies, 1) == ("Greedy decoding picks the most probable token. "
+                                              "It is fast but can commit early [1].")
+    # the next sentence of the same passage opens with "This": it goes along
+    assert copying.in_context(replies, 2) == "Beam search keeps k prefixes. This mismatch is called exposure bias [2]."
+    assert copying.in_context(replies, 3) == copying.in_context(replies, 2)
+    # a referring sentence whose neighbour is another passage's goes alone; so does a plain one
+    assert copying.in_context(replies[1:], 0) == replies[1]
+    assert copying.in_context(["Beam search keeps k prefixes [2].", "It is fast [1]."], 0) == "Beam search keeps k prefixes [2]."
+    # never past MAX_REPLY_WORDS
+    long = ["word " * copying.MAX_REPLY_WORDS + "end [1].", "It is short [1]."]
+    assert copying.in_context(long, 1) == long[1]
+
+
+def test_the_selector_replies_its_pick_in_context():
+    replies = ["The cost of teacher forcing is a mismatch [1].", "This mismatch is called exposure bias [1]."]
+    feats = np.zeros((2, len(FEATURES)))
+    feats[0, 0] = 1.0
+    selector = Selector(("reader_score",), Linear([0.0], [1.0], [1.0], 0.0), Linear([0.0], [1.0], [-1.0], 0.0),
+                        threshold=0.0)
+    reply = selector.reply(Candidates("What is the mismatch called?", replies, feats))
+    assert reply == "The cost of teacher forcing is a mismatch. This mismatch is called exposure bias [1]."
+    assert right(reply, [["exposure bias"]])
