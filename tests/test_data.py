@@ -86,3 +86,18 @@ def test_cli_data_check(capsys):
 
     assert main(["data", "check", "--profile", "tiny"]) == 0
     assert json.loads(capsys.readouterr().out)["train"]["records"] >= 800
+
+
+def test_the_unseen_documents_check_set_is_sound():
+    """data/ood: every answerable question's facts are in its document, its documents are ones
+    no stage reads, and its questions are none of data/qa's."""
+    from pipeline.data.normalize import contains_fact
+
+    records, errors = read_records(REPO_ROOT / "data/ood/qa.jsonl")
+    assert not errors and len(records) == 45 and sum(r.answerable for r in records) == 34
+    for record in (r for r in records if r.answerable):
+        text = (REPO_ROOT / "data/ood/docs" / record.doc).read_text()
+        assert all(contains_fact(text, fact) for fact in record.facts), record.id
+    assert not {d.name for d in (REPO_ROOT / "data/ood/docs").iterdir()} & {d.name for d in (REPO_ROOT / "data/docs").iterdir()}
+    trained = {r.question for split in ("train", "eval") for r in load_split(REPO_ROOT / "data/qa", split)}
+    assert not trained & {r.question for r in records}
