@@ -254,3 +254,18 @@ def test_cli_index_search_and_trec_run(docs, tmp_path, capsys):
     (out / "dense.faiss").write_bytes(b"x")
     assert main(["search", "x", "--index", str(out), "--profile", "tiny"]) == 2
     assert "rebuild it with: python -m pipeline index" in capsys.readouterr().err
+
+
+def test_hard_wrapped_paragraphs_are_joined_and_blocks_kept(tmp_path):
+    from pipeline.prompt import split_sentences
+    from pipeline.retrieval.ingest import join_wrapped_lines, load_documents
+
+    wrapped = ("# Cards\n\nBring a photo ID and a proof of address. Children under\n14 need a parent to sign.\n\n"
+               "- lost cards\n- renewals\n\n```\ncode one\ncode two\n```\n")
+    joined = join_wrapped_lines(wrapped)
+    assert "Children under 14 need a parent to sign." in split_sentences(joined)
+    assert "- lost cards\n- renewals" in joined and "```\ncode one\ncode two\n```" in joined
+    assert join_wrapped_lines(joined) == joined  # one paragraph a line is left as it is
+    (tmp_path / "policy.md").write_text(wrapped)
+    documents, _ = load_documents(tmp_path)
+    assert "Children under 14 need" in documents[0].text

