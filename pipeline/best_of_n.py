@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from pipeline.copying import in_context
 from pipeline.prompt import REFUSAL
 
 
 def reward_ranked(selector, scorer, tokenizer, messages: list[dict], cands, most: int) -> list[tuple[int, float]]:
     """(candidate index, reward) of the selector's ``most`` best candidates, in the selector's
     order; empty when the selector refuses."""
-    from pipeline.copying import in_context
     from pipeline.scoring import reward_scores
 
     if selector.refuses(cands):
@@ -30,8 +30,6 @@ def best_of(scored: list[tuple[int, float]], replies: list[str], n: int) -> str:
     """The reply (in context, ``copying.in_context``) with the highest reward among the first
     ``n`` of ``scored`` (the refusal when ``scored`` is empty); a tie goes to the selector's
     earlier choice."""
-    from pipeline.copying import in_context
-
     if not scored:
         return REFUSAL
     head = scored[:n]
