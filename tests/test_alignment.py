@@ -136,6 +136,36 @@ def test_sft_moves_only_the_lora_weights(workspace):
     assert metrics["held_out_loss_base"] > 0 and (root / "reports/sft_loss.png").stat().st_size > 1000
 
 
+def test_answer_loss_equals_the_full_loss_on_the_answer_positions(tiny_model_dir):
+    """The sft stage projects only answer positions through the LM head; the loss and the
+    gradients must be those of the model's own loss over every position (fast: tiny model)."""
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.stages.sft import answer_loss
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    torch.manual_seed(0)
+    input_ids = torch.randint(3, model.config.vocab_size, (3, 12))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[2, 9:] = 0  # a right-padded row
+    labels = input_ids.clone()
+    labels[0, :8] = labels[1, :5] = labels[2, :6] = -100  # prompts differ in length
+    labels[2, 9:] = -100
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+    ours, outputs = answer_loss(model, inputs)
+    assert outputs.logits.shape[1] == 11 - 4, "logits only from the first answer-predicting column on"
+    ours.backward()
+    ours_grad = model.model.layers[0].mlp.down_proj.weight.grad.clone()
+    model.zero_grad()
+    full = model(**inputs).loss
+    full.backward()
+    assert ours.item() == pytest.approx(full.item(), rel=1e-5)
+    assert torch.allclose(ours_grad, model.model.layers[0].mlp.down_proj.weight.grad, atol=1e-6)
+    halved, _ = answer_loss(model, inputs, num_items_in_batch=2 * int((labels[:, 1:] != -100).sum()))
+    assert halved.item() == pytest.approx(full.item() / 2, rel=1e-5), "a global token count divides the sum"
+
+
 def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
     """-log sigmoid(beta * ((pc - rc) - (pr - rr))) (Rafailov et al. 2023)."""
     return -torch.nn.functional.logsigmoid(beta * ((policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)))
