@@ -166,6 +166,41 @@ def test_answer_loss_equals_the_full_loss_on_the_answer_positions(tiny_model_dir
     assert halved.item() == pytest.approx(full.item() / 2, rel=1e-5), "a global token count divides the sum"
 
 
+def test_dpo_head_scores_answer_positions_as_trl_does(tiny_model_dir):
+    """The dpo stage's LM head scores only labelled positions; its log-probs, their gradients
+    and the logged entropy, mean logit and top-1 hits must be TRL's fused head's (fast)."""
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    from pipeline.stages.dpo import answer_positions_head
+
+    trl_model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    ours_model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    outputs = ("log_probs", "entropy", "mean_logits", "is_top1")
+    add_fused_lm_head(trl_model, outputs=outputs)
+    add_fused_lm_head(ours_model, outputs=outputs)
+    answer_positions_head(ours_model)
+    torch.manual_seed(0)
+    input_ids = torch.randint(3, trl_model.config.vocab_size, (4, 10))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[3, :3] = 0  # a left-padded row
+    labels = input_ids.clone()
+    labels[:, :6] = -100
+    labels[1, :8] = -100  # answers differ in length
+    got = {}
+    for name, model in (("trl", trl_model), ("ours", ours_model)):
+        out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True)
+        out.log_probs.sum().backward()
+        got[name] = out, model.model.layers[0].self_attn.q_proj.weight.grad.clone()
+    (trl, trl_grad), (ours, ours_grad) = got["trl"], got["ours"]
+    labelled = labels[:, 1:] != -100
+    assert (ours.log_probs[~labelled] == 0).all() and (ours.log_probs[labelled] != 0).all()
+    for field in ("log_probs", "entropy", "mean_logits"):
+        assert torch.allclose(getattr(ours, field), getattr(trl, field), atol=1e-5), field
+    assert torch.equal(ours.is_top1, trl.is_top1) and ours.loss.item() == pytest.approx(trl.loss.item(), rel=1e-5)
+    assert torch.allclose(ours_grad, trl_grad, atol=1e-6)
+
+
 def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
     """-log sigmoid(beta * ((pc - rc) - (pr - rr))) (Rafailov et al. 2023)."""
     return -torch.nn.functional.logsigmoid(beta * ((policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)))
@@ -181,7 +216,9 @@ def test_dpo_loss_by_hand_and_in_trl(workspace, tiny_model_dir):
 
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOConfig
+
+    from pipeline.stages.dpo import answer_positions_trainer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
@@ -194,8 +231,8 @@ def test_dpo_loss_by_hand_and_in_trl(workspace, tiny_model_dir):
                                 "rejected": [{"role": "assistant", "content": "go away"}]}])
     args = DPOConfig(output_dir=str(workspace[0] / "dpo-check"), beta=0.1, report_to=[], use_cpu=True,
                      per_device_train_batch_size=1, max_length=64, bf16=False)
-    trainer = DPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=pairs,
-                         processing_class=tokenizer)
+    trainer = answer_positions_trainer()(model=policy, ref_model=reference, args=args, train_dataset=pairs,
+                                         processing_class=tokenizer)  # the dpo stage's trainer
     batch = trainer.data_collator([trainer.train_dataset[0]])
     trainer.model.eval()
     loss = trainer.compute_loss(trainer.model, batch).item()

@@ -164,3 +164,23 @@ def test_release_freed_memory_returns_holes_the_allocator_kept():
     release_freed_memory()
     assert held - status_mb()["rss_mb"] > 80, "the holes stayed resident"
     assert sum(b[0] for b in blocks) == len(blocks)
+
+
+@pytest.mark.parametrize("flags, native", [({"avx2", "avx512f", "avx512_bf16"}, True), ({"avx2"}, False)])
+def test_an_fp32_model_scores_in_bf16_only_where_the_cpu_has_it(monkeypatch, flags, native):
+    """Copy decoding's likelihood runs an fp32 model in bf16 autocast on a CPU with native bf16
+    (a matrix product then comes out in bf16), in fp32 elsewhere; a model on another numeric path
+    is left alone."""
+    from pipeline import cpu
+    from pipeline.numeric import scoring_precision
+
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset(flags))
+    for name in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA"):
+        monkeypatch.delenv(name, raising=False)
+    linear, gen = _layer_and_inputs()
+    x = torch.randn(2, 64, generator=gen)
+    with torch.no_grad(), scoring_precision(linear):
+        assert linear(x).dtype == (torch.bfloat16 if native else torch.float32)
+    half = torch.nn.Linear(64, 32).to(torch.bfloat16)
+    with torch.no_grad(), scoring_precision(half):
+        assert not torch.is_autocast_enabled("cpu")

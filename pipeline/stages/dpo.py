@@ -9,6 +9,8 @@ Alone:  python -m pipeline run --only dpo [dpo.beta=0.1 dpo.loss_type=ipo]
 
 No second copy of the weights: the reference is the same model with the LoRA adapter
 disabled. Loss (Rafailov et al. 2023): -log sigmoid(beta * (log-ratio chosen - log-ratio rejected)).
+Only the answers' positions go through the 49k-word LM head (``answer_positions_head``), as in
+the sft stage: TRL's fused head scores every position on a CPU.
 """
 from __future__ import annotations
 
@@ -43,9 +45,65 @@ def inputs(cfg) -> list[Path]:
     return [Path(cfg.dpo.extra_prefs)] if cfg.dpo.extra_prefs else []
 
 
+def answer_positions_head(model) -> None:
+    """Make ``model(..., labels=, fused_lm_head=True)``, the call TRL's DPOTrainer scores with,
+    project only the labelled positions through the LM head. TRL's own fused head does that only
+    under Triton; on a CPU it computes the 49k-word softmax at all ~400 prompt positions of a
+    pair for ~20 answer tokens. Same outputs (tests/test_alignment.py): per-position log-probs
+    with their gradient, and, without gradient, the entropy, mean logit and top-1 hit TRL
+    logs; zero where the label is -100."""
+    import types
+
+    import torch
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    fused = model.forward  # TRL's (add_fused_lm_head), kept for every other call
+
+    def forward(self, *args, fused_lm_head=False, labels=None, num_items_in_batch=None, **kwargs):
+        if not fused_lm_head or labels is None or kwargs.get("output_router_logits"):
+            return fused(*args, fused_lm_head=fused_lm_head, labels=labels, num_items_in_batch=num_items_in_batch,
+                         **kwargs)
+        kwargs["use_cache"] = False
+        hidden = self.base_model(*args, **kwargs).last_hidden_state[:, :-1]
+        targets = labels[:, 1:]
+        mask = targets != -100
+        logits = self.get_output_embeddings()(hidden[mask]).float()
+        log_softmax = logits.log_softmax(-1)
+        picked = log_softmax.gather(-1, targets[mask].unsqueeze(-1)).squeeze(-1)
+        with torch.no_grad():
+            entropy = -(log_softmax.exp() * log_softmax).sum(-1)
+            top1 = logits.argmax(-1) == targets[mask]
+
+        def spread(values):  # back to (batch, positions), zero where there is no label
+            return torch.zeros(mask.shape, dtype=values.dtype, device=values.device).masked_scatter(mask, values)
+
+        count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        return FusedCausalLMOutput(loss=-picked.sum() / count, log_probs=spread(picked), entropy=spread(entropy),
+                                   mean_logits=spread(logits.detach().mean(-1)), is_top1=spread(top1), label_mask=mask)
+
+    model.forward = types.MethodType(forward, model)
+
+
+def answer_positions_trainer():
+    """TRL's DPOTrainer with ``answer_positions_head`` on the policy and any reference model
+    (not with WPO weights, which read a field the head does not compute)."""
+    from trl import DPOTrainer
+
+    class AnswerPositionsDPOTrainer(DPOTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            if self.use_weighting:
+                return
+            answer_positions_head(self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model)
+            if self.ref_model is not None:
+                answer_positions_head(self.ref_model)
+
+    return AnswerPositionsDPOTrainer
+
+
 def run(config: Config, ctx) -> dict:
     from datasets import load_dataset
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOConfig
 
     from pipeline.answerability import calibrate
     from pipeline.copying import calibrate_variant
@@ -72,8 +130,8 @@ def run(config: Config, ctx) -> dict:
         held_out = held_out.select(range(min(config.eval_rows, len(held_out))))
     args = DPOConfig(**trainer_arguments(config, ctx, beta=config.beta, loss_type=[config.loss_type],
                                          per_device_eval_batch_size=config.batch_size, warmup_steps=0.05))
-    trainer = DPOTrainer(model=model, args=args, train_dataset=train, eval_dataset=held_out,
-                         processing_class=tokenizer, peft_config=peft_config(config.lora))
+    trainer = answer_positions_trainer()(model=model, args=args, train_dataset=train, eval_dataset=held_out,
+                                         processing_class=tokenizer, peft_config=peft_config(config.lora))
     result = trainer.train()
     scores = trainer.evaluate() if len(held_out) else {}
     if not len(held_out):
