@@ -88,9 +88,11 @@ def forward(model, value_head, input_ids, attention_mask, prompt_len: int, with_
     gradient refer to a different policy, and entropy collapses.
     """
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    # Only the positions that predict a response token go through the 49k-word LM head, not
+    # the ~600 prompt positions before them.
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                output_hidden_states=with_values)
-    logits = out.logits[:, prompt_len - 1:-1].float() / temperature
+                output_hidden_states=with_values, logits_to_keep=input_ids.shape[1] - prompt_len + 1)
+    logits = out.logits[:, :-1].float() / temperature
     targets = input_ids[:, prompt_len:]
     logprobs = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     values = value_head(out.hidden_states[-1][:, prompt_len - 1:-1]) if with_values else None
