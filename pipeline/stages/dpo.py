@@ -60,7 +60,8 @@ def answer_positions_head(model) -> None:
     fused = model.forward  # TRL's (add_fused_lm_head), kept for every other call
 
     def forward(self, *args, fused_lm_head=False, labels=None, num_items_in_batch=None, **kwargs):
-        if not fused_lm_head or labels is None or kwargs.get("output_router_logits"):
+        # MoE router losses and context parallelism's pre-shifted labels stay with TRL's head
+        if not fused_lm_head or labels is None or kwargs.get("output_router_logits") or "shift_labels" in kwargs:
             return fused(*args, fused_lm_head=fused_lm_head, labels=labels, num_items_in_batch=num_items_in_batch,
                          **kwargs)
         kwargs["use_cache"] = False
