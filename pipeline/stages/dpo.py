@@ -73,6 +73,7 @@ def answer_positions_head(model) -> None:
         picked = log_softmax.gather(-1, targets[mask].unsqueeze(-1)).squeeze(-1)
         with torch.no_grad():
             entropy = -(log_softmax.exp() * log_softmax).sum(-1)
+            mean_logits = logits.mean(-1)
             top1 = logits.argmax(-1) == targets[mask]
 
         def spread(values):  # back to (batch, positions), zero where there is no label
@@ -80,7 +81,7 @@ def answer_positions_head(model) -> None:
 
         count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
         return FusedCausalLMOutput(loss=-picked.sum() / count, log_probs=spread(picked), entropy=spread(entropy),
-                                   mean_logits=spread(logits.detach().mean(-1)), is_top1=spread(top1), label_mask=mask)
+                                   mean_logits=spread(mean_logits), is_top1=spread(top1), label_mask=mask)
 
     model.forward = types.MethodType(forward, model)
 
