@@ -31,6 +31,24 @@ def test_time_generation_counts_a_fixed_length_reply(tiny):
     assert row["prompt_tokens"] > 10 and row["ttft_s"] > 0 and row["decode_tokens_per_s"] > 0
 
 
+@pytest.mark.parametrize("native_bf16, prompt", [(True, "bf16"), (False, "fp32")])
+def test_the_int8_decode_row_names_the_prompt_precision_of_this_cpu(tiny, monkeypatch, native_bf16, prompt):
+    """int8-decode reads the prompt in bf16 only where the CPU multiplies bf16 natively; the
+    bench row says which, so a report from an AVX2-only CPU does not claim a bf16 prompt."""
+    import torch
+
+    from pipeline import cpu, int8_decode
+    from pipeline.bench.generation import numeric_paths
+
+    for module in (cpu, int8_decode):  # int8_decode holds its own reference to the check
+        monkeypatch.setattr(module, "has_native_bf16", lambda: native_bf16)
+    paths = numeric_paths(tiny[0])
+    row, = [name for name in paths if name.startswith("int8-decode")]
+    assert row == f"int8-decode ({prompt} prompt, int8 tokens)"
+    linear = next(m for m in paths[row].modules() if hasattr(m, "prefill_dtype"))
+    assert linear.prefill_dtype == (torch.bfloat16 if native_bf16 else torch.float32)
+
+
 def test_concurrent_clients_write_every_token_and_share_decode_steps(tiny):
     from pipeline.bench.generation import concurrency
 

@@ -26,11 +26,13 @@ def rag_prompt(retriever, tokenizer, target_tokens: int = 600) -> list[dict]:
 
 def numeric_paths(model):
     """name -> model, for each path measured; the first is the baseline."""
+    from pipeline.cpu import has_native_bf16
     from pipeline.numeric import to_numeric_path
 
+    prompt = "bf16" if has_native_bf16() else "fp32"  # int8-decode reads the prompt so on this CPU
     return {"fp32 (baseline)": model, "bf16 weights": to_numeric_path(copy.deepcopy(model), "bf16"),
             "int8 dynamic (linear layers)": to_numeric_path(copy.deepcopy(model), "int8"),
-            "int8-decode (bf16 prompt, int8 tokens)": to_numeric_path(copy.deepcopy(model), "int8-decode")}
+            f"int8-decode ({prompt} prompt, int8 tokens)": to_numeric_path(copy.deepcopy(model), "int8-decode")}
 
 
 def _timed_reply(model, tokenizer, messages, new_tokens: int, prefix=None,
