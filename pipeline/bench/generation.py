@@ -26,13 +26,17 @@ def rag_prompt(retriever, tokenizer, target_tokens: int = 600) -> list[dict]:
 
 def numeric_paths(model):
     """name -> model, for each path measured; the first is the baseline."""
-    from pipeline.cpu import has_native_bf16
+    import torch
+
     from pipeline.numeric import to_numeric_path
 
-    prompt = "bf16" if has_native_bf16() else "fp32"  # int8-decode reads the prompt so on this CPU
+    int8_decode = to_numeric_path(copy.deepcopy(model), "int8-decode")
+    # the precision its layers chose for the prompt on this CPU (pipeline/int8_decode.py)
+    prefill = next(m.prefill_dtype for m in int8_decode.modules() if hasattr(m, "prefill_dtype"))
+    prompt = "bf16" if prefill == torch.bfloat16 else "fp32"
     return {"fp32 (baseline)": model, "bf16 weights": to_numeric_path(copy.deepcopy(model), "bf16"),
             "int8 dynamic (linear layers)": to_numeric_path(copy.deepcopy(model), "int8"),
-            f"int8-decode ({prompt} prompt, int8 tokens)": to_numeric_path(copy.deepcopy(model), "int8-decode")}
+            f"int8-decode ({prompt} prompt, int8 tokens)": int8_decode}
 
 
 def _timed_reply(model, tokenizer, messages, new_tokens: int, prefix=None,
