@@ -91,6 +91,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def calibrate_built(cfg, variant: str) -> dict:
+    """(Re)fit the copy-decoding selector of a variant that is already built (pipeline/copying.py).
+
+    Here rather than in copying.py: loading a variant for inference (pipeline/numeric.py) is
+    serving code, and the training stages that fit a selector must not depend on it, or every
+    change to a serving numeric path would mark their built (and shipped) adapters stale."""
+    from pipeline.artifacts import Artifacts
+    from pipeline.copying import calibrate_variant
+    from pipeline.numeric import load_variant
+
+    artifacts = Artifacts(cfg.paths.resolve("artifacts"))
+    model, tokenizer = load_variant(artifacts, variant)
+    return calibrate_variant(model, tokenizer, cfg, artifacts, artifacts.dir(variant))
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
@@ -115,8 +130,6 @@ def main(argv: list[str] | None = None) -> int:
 
             run_eval_command(cfg, args.docs, args.qa, args.out, args.overrides)
         elif args.command == "calibrate":
-            from pipeline.copying import calibrate_built
-
             print(json.dumps(calibrate_built(cfg, args.variant), indent=2))
         elif args.command == "reader-holdout":
             from pipeline.reader_holdout import holdout

@@ -152,9 +152,8 @@ def in_context(replies: list[str], i: int) -> str:
 
 def question_likelihoods(model, tokenizer, question: str, sentences: list[str]) -> list[float]:
     """Mean log p(question tokens | sentence) per sentence, one batch; an fp32 model in bf16
-    where the CPU multiplies bf16 natively (pipeline.numeric.scoring_precision)."""
-    from pipeline.numeric import scoring_precision
-    from pipeline.scoring import answer_logprobs
+    where the CPU multiplies bf16 natively (pipeline.scoring.scoring_precision)."""
+    from pipeline.scoring import answer_logprobs, scoring_precision
 
     prompts = [QUESTION_PROMPT.format(sentence=s) for s in sentences]
     asked = " " + question.strip()
@@ -374,16 +373,6 @@ def calibrate_variant(model, tokenizer, cfg, artifacts, out_dir: Path) -> dict:
     prompts, facts = served_dev(cfg, retriever)
     return calibrate(model, tokenizer, retriever.embedder, Reader(artifacts.require("reader")), prompts, facts,
                      out_dir)
-
-
-def calibrate_built(cfg, variant: str) -> dict:
-    """(Re)fit the selector of a variant that is already built (``python -m pipeline calibrate``)."""
-    from pipeline.artifacts import Artifacts
-    from pipeline.training import load_variant
-
-    artifacts = Artifacts(cfg.paths.resolve("artifacts"))
-    model, tokenizer = load_variant(artifacts, variant)
-    return calibrate_variant(model, tokenizer, cfg, artifacts, artifacts.dir(variant))
 
 
 def load_selector(variant_dir: Path) -> Selector | None:

@@ -39,7 +39,7 @@ def cached_conversion(artifacts, variant: str, engine: str, tag: str, marker: st
     the variant saved with its adapters merged (fp32) in ``merged``; ``work`` is scratch. The
     folder appears whole or not at all."""
     from pipeline.config import REPO_ROOT
-    from pipeline.training import load_variant
+    from pipeline.numeric import load_variant
 
     meta = artifacts.meta(variant)
     if meta is None:

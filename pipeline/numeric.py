@@ -50,6 +50,18 @@ def served_default() -> str:
     return "int8-decode" if cpu.features()["avx2"] else "fp32"
 
 
+def load_variant(artifacts, variant: str, numeric: str = "fp32"):
+    """(model, tokenizer) of a variant, in eval mode: the base weights with every LoRA adapter
+    of the variant merged in (none for "base"), then converted to the numeric path
+    (``to_numeric_path``). The one loader eval, the engine, the bench and calibration use."""
+    from pipeline.training import chain_of, load_causal_lm
+
+    if variant != "base" and artifacts.meta(variant) is None:
+        raise UserError(f"variant '{variant}' is not built; run: python -m pipeline run --only {variant}")
+    model, tokenizer = load_causal_lm(artifacts, chain_of(artifacts, variant) if variant != "base" else [])
+    return to_numeric_path(model.eval(), numeric), tokenizer
+
+
 def to_numeric_path(model, path: str):
     """The model converted for inference (fp32 returns it unchanged; the others convert in place
     or return a converted model: pass a copy to keep the original)."""
@@ -69,35 +81,6 @@ def to_numeric_path(model, path: str):
         model = replace_linears(model, PrefillDecodeLinear)
         release_freed_memory()
     return model
-
-
-def is_fp32(model) -> bool:
-    """Whether every floating-point weight and buffer of ``model`` is fp32 (the fp32 path)."""
-    import itertools
-
-    import torch
-
-    return all(t.dtype == torch.float32 for t in itertools.chain(model.parameters(), model.buffers())
-               if t.is_floating_point())
-
-
-@contextmanager
-def scoring_precision(model):
-    """Copy decoding's question likelihood (pipeline/copying.py) of an fp32 model on a CPU in
-    bf16 autocast, where the CPU multiplies bf16 natively; in fp32 elsewhere (emulated bf16 is
-    slower than fp32). The service's int8-decode path reads every prompt in bf16 there too. On a
-    2-core AMD EPYC with AVX512-BF16 the likelihoods of 12 eval questions' candidates took 0.27 s
-    a question against 0.78 s in fp32, at most 0.034 apart in mean token log-probability, with
-    the same most likely sentence for all 12 (session 19, docs/results.md). Not the refusal
-    score: free decoding's prefill computes it again and must agree. Models on another numeric
-    path run as they are."""
-    import torch
-
-    from pipeline import cpu
-
-    native = cpu.has_native_bf16() and next(model.parameters()).device.type == "cpu" and is_fp32(model)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=native):
-        yield
 
 
 def release_freed_memory() -> None:

@@ -1,4 +1,4 @@
-"""Helpers the training stages share: LoRA settings, loading a variant, precision, curves."""
+"""Helpers the training stages share: LoRA settings, loading the base with adapters merged, precision, curves."""
 from __future__ import annotations
 
 import json
@@ -64,19 +64,6 @@ def load_causal_lm(artifacts, chain: list[str]):
         for stage in chain:
             model = PeftModel.from_pretrained(model, artifacts.require(stage) / "adapter").merge_and_unload()
     return model, tokenizer
-
-
-def load_variant(artifacts, variant: str, numeric: str = "fp32"):
-    """(model, tokenizer) of a variant, in eval mode: the base weights with every LoRA adapter
-    of the variant merged in (none for "base"), then converted to the numeric path
-    (pipeline/numeric.py). The one loader eval, the engine, the bench and calibration use."""
-    from pipeline.errors import UserError
-    from pipeline.numeric import to_numeric_path
-
-    if variant != "base" and artifacts.meta(variant) is None:
-        raise UserError(f"variant '{variant}' is not built; run: python -m pipeline run --only {variant}")
-    model, tokenizer = load_causal_lm(artifacts, chain_of(artifacts, variant) if variant != "base" else [])
-    return to_numeric_path(model.eval(), numeric), tokenizer
 
 
 def chain_of(artifacts, stage: str) -> list[str]:

@@ -17,7 +17,7 @@ from pipeline.errors import UserError
 from pipeline.numeric import use_threads
 from pipeline.prompt import build_messages, fit_history, retrieval_query
 from pipeline.retrieval.settings import RetrievalSettings
-from pipeline.training import load_variant
+from pipeline.numeric import load_variant
 from pipeline.batching import Batcher, ServerBusy  # noqa: F401  (ServerBusy: the API's 429)
 
 log = logging.getLogger("service.engine")

@@ -93,7 +93,7 @@ def test_concurrent_requests_get_their_own_replies_and_loads_do_not_race(served_
     # the three threads loaded the retriever and a model: no load may have raced another and
     # left transformers' loading state behind (a later model's tied head on the meta device)
     from pipeline.artifacts import Artifacts
-    from pipeline.training import load_variant
+    from pipeline.numeric import load_variant
 
     later, _ = load_variant(Artifacts(served_artifacts), "base")
     assert later.lm_head.weight.device.type == "cpu"

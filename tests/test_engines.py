@@ -30,7 +30,7 @@ def test_ctranslate2_float32_decodes_the_merged_variant_like_transformers(artifa
 
     from pipeline.bench.generation import greedy_ids
     from pipeline.errors import UserError
-    from pipeline.training import load_variant
+    from pipeline.numeric import load_variant
 
     folder = engines.ct2_converted(artifacts, "sft", "float32", tmp_path)
     assert folder.name == f"sft-{artifacts.meta('sft')['fingerprint']}-float32"

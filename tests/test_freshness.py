@@ -70,6 +70,16 @@ def test_stages_follow_the_modules_they_import():
     assert "prompt.py" not in {path.name for path in code_files("pipeline.stages.base").values()}
 
 
+def test_training_stages_do_not_depend_on_the_serving_numeric_paths():
+    """int8-decode and the other inference paths (pipeline/numeric.py) serve and evaluate a
+    trained variant; no training stage runs them, so editing them must not make a trained (or
+    shipped) adapter stale."""
+    serving = {"pipeline.numeric", "pipeline.int8_decode"}
+    for stage in ("reader", "dataset", "sft", "reward", "dpo", "ppo"):
+        assert not serving & set(code_files(f"pipeline.stages.{stage}")), stage
+    assert serving <= set(code_files("pipeline.stages.evaluate")), "eval scores the numeric paths"
+
+
 def test_editing_prompt_py_makes_seven_stages_stale_and_names_the_file(built_copy):
     checkout, artifacts = built_copy
     status = _python(checkout, "-m", "pipeline", "status", f"paths.artifacts={artifacts}")

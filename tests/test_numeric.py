@@ -172,7 +172,7 @@ def test_an_fp32_model_scores_in_bf16_only_where_the_cpu_has_it(monkeypatch, fla
     (a matrix product then comes out in bf16), in fp32 elsewhere; a model on another numeric path
     is left alone."""
     from pipeline import cpu
-    from pipeline.numeric import scoring_precision
+    from pipeline.scoring import scoring_precision
 
     monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset(flags))
     for name in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA"):

@@ -23,7 +23,7 @@ def test_fp32_conversion_of_a_merged_variant_decodes_like_transformers(ort_artif
     from pipeline.engines import engine_answers
     from pipeline.generation import prompt_text
     from pipeline.prompt import REFUSAL
-    from pipeline.training import load_variant
+    from pipeline.numeric import load_variant
 
     artifacts = ort_artifacts
     folder = ort_genai.converted(artifacts, "sft", "fp32", tmp_path)

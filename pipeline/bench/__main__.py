@@ -14,7 +14,7 @@ from pipeline.artifacts import Artifacts
 from pipeline.config import load_config
 from pipeline.generation import LOOKUP_TOKENS
 from pipeline.numeric import DECODE_THREADS, DECODE_WORKERS
-from pipeline.numeric import served_default, to_numeric_path
+from pipeline.numeric import load_variant, served_default, to_numeric_path
 
 
 def peak_rss_mb() -> float:
@@ -103,8 +103,6 @@ def main(argv=None) -> None:
             row["rss_vs_first"] = round(row["rss_mb"] / rows[0]["rss_mb"], 2)
         report["memory"] = {"variant": variant, "rows": rows}
     if not {"generation", "answers", "concurrency"} <= set(args.skip):  # one load serves these sections
-        from pipeline.training import load_variant
-
         model, tokenizer = load_variant(artifacts, variant)
     if "generation" not in args.skip:
         messages = generation.rag_prompt(retriever, tokenizer)
@@ -205,7 +203,6 @@ def engine_rows(names, artifacts, variant, model, tokenizer, messages) -> dict:
     """CTranslate2 and llama.cpp rows for the generation table, each compared with its own
     model's fp32 greedy tokens (llama.cpp's with the base model's)."""
     from pipeline.bench import generation
-    from pipeline.training import load_variant
 
     rows = {}
     for name in names or []:

@@ -94,9 +94,8 @@ class Run:
 def evaluate(artifacts, records, retriever, settings: EvalSettings, perplexity_texts: list[str]) -> list[Run]:
     from pipeline.answerability import served_threshold
     from pipeline.copying import load_selector
-    from pipeline.numeric import to_numeric_path
+    from pipeline.numeric import load_variant, to_numeric_path
     from pipeline.scoring import text_perplexity
-    from pipeline.training import load_variant
 
     passages = [retriever.search(retrieval_query(r.question, r.history)) for r in records]
     runs: list[Run] = []
