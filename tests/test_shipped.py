@@ -6,6 +6,7 @@ import json
 import pytest
 
 from pipeline.artifacts import Artifacts
+from pipeline.freshness import stale_reasons
 from service import __main__ as service_main
 
 
@@ -39,6 +40,25 @@ def test_the_shipped_sft_adapter_is_complete():
     selector = load_selector(folder)
     assert selector is not None and "reader_score" in selector.features, "copy decoding ships with sft"
     assert len(selector.sentence.weights) == len(selector.features)
+
+
+def test_the_shipped_adapters_match_the_code_config_and_data_they_were_trained_from(tmp_path):
+    """`make pipeline` keeps a shipped stage only while its fingerprint is the one the runner
+    computes now. An edit to code the stage (or a parent) runs, to its config or to its data
+    makes it stale, and this fails: retrain it and ship the result (adapters/README.md)."""
+    import subprocess
+    import sys
+
+    from tests.test_freshness import MARK_BUILT, ROOT
+
+    done = subprocess.run([sys.executable, "-c", MARK_BUILT, str(tmp_path)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for stage in ("reader", "sft"):
+        shipped = json.loads((service_main.SHIPPED / stage / "meta.json").read_text())
+        now = json.loads((tmp_path / stage / "meta.json").read_text())
+        assert shipped["fingerprint"] == now["fingerprint"], (stage, stale_reasons(shipped["fingerprint_parts"],
+                                                                                     now["fingerprint_parts"]))
 
 
 def test_the_chat_builds_the_reader_only_for_a_variant_that_reads_it(tmp_path, monkeypatch):
