@@ -18,9 +18,9 @@ DECODE_TOKENS = 16
 
 
 class PrefillDecodeLinear(torch.nn.Module):
-    """A linear layer with two copies of its weight: ``prefill_dtype`` (bf16 with native bf16,
-    else fp32) for calls longer than ``DECODE_TOKENS`` (the prompt), int8 per output channel for
-    shorter ones (decode steps).
+    """A linear layer with two copies of its weight: ``prefill_dtype`` (a bf16 copy with native
+    bf16, else the layer's own fp32 weight) for calls longer than ``DECODE_TOKENS`` (the prompt),
+    int8 per output channel for shorter ones (decode steps).
 
     Input ``(..., T, in)``, output ``(..., T, out)`` in the input's dtype. In int8 each row of a
     batch is quantised on its own (fbgemm's dynamic linear takes one activation scale per call),
@@ -32,13 +32,17 @@ class PrefillDecodeLinear(torch.nn.Module):
         super().__init__()
         weight = linear.weight.detach().float()
         self.prefill_dtype = torch.bfloat16 if has_native_bf16() else torch.float32
-        # copies, never views: the loaded weights may live in the safetensors file's mapping
-        self.register_buffer("weight", weight.to(self.prefill_dtype, copy=True))
-        self.bias = None if linear.bias is None else linear.bias.detach().to(torch.float32, copy=True)
+        if self.prefill_dtype == torch.float32:
+            # the loaded weight itself: no second fp32 copy, and a tied lm_head keeps sharing
+            # the embedding's (113 MB on SmolLM2-135M)
+            self.weight, self.bias = linear.weight, linear.bias
+        else:
+            self.register_buffer("weight", weight.to(self.prefill_dtype))
+            self.bias = None if linear.bias is None else linear.bias.detach().to(torch.float32, copy=True)
         scale = (weight.abs().amax(dim=1) / 127).clamp(min=1e-8).double()
         zero = torch.zeros_like(scale, dtype=torch.long)
         qweight = torch.quantize_per_channel(weight, scale, zero, 0, torch.qint8)
-        self._packed = torch.ops.quantized.linear_prepack(qweight, self.bias)
+        self._packed = torch.ops.quantized.linear_prepack(qweight, None if self.bias is None else self.bias.detach())
         self._reduce_range = not has_int8_dot_product()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -55,22 +59,24 @@ class PrefillDecodeLinear(torch.nn.Module):
 
 def replace_linears(model: torch.nn.Module, wrap) -> torch.nn.Module:
     """Every ``nn.Linear`` of ``model`` (the tied ``lm_head`` included) replaced, in place, by
-    ``wrap(linear)`` (which must copy what it keeps); what is left (the embedding, the norms)
-    is copied into memory of its own.
+    ``wrap(linear)``, which keeps the linear's own weight or makes what it keeps.
 
     The loaded weights are views of one copy-on-write mapping of the safetensors file, and
     merging the LoRA adapters wrote into it. While any tensor views the mapping (the fp32
     embedding does), none of its pages are returned: measured on the quick sft, the service
-    kept 0.3 GB of fp32 linear weights it no longer used."""
-    wrapped = []
+    kept 0.3 GB of fp32 linear weights it no longer used. So where a wrapper drops a loaded
+    weight (a bf16 prompt copy replaces the fp32 one), every loaded tensor that stays (the
+    embedding, the norms) is copied into memory of its own; where every loaded tensor stays
+    (an fp32 prompt), nothing is copied."""
+    loaded = list(model.parameters()) + list(model.buffers())
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, torch.nn.Linear):
-                wrapped.append(wrap(child))
-                setattr(parent, name, wrapped[-1])
-    copied = {id(t) for w in wrapped for t in list(w.parameters()) + list(w.buffers())}
-    with torch.no_grad():
-        for tensor in list(model.parameters()) + list(model.buffers()):
-            if id(tensor) not in copied:
+                setattr(parent, name, wrap(child))
+    now = {id(t) for t in list(model.parameters()) + list(model.buffers())}
+    kept = [t for t in loaded if id(t) in now]
+    if len(kept) < len(loaded):
+        with torch.no_grad():
+            for tensor in kept:
                 tensor.data = tensor.data.clone()
     return model

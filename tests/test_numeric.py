@@ -87,12 +87,8 @@ def test_int8_decode_model_generates_like_fp32(served_artifacts):
     artifacts = Artifacts(served_artifacts)
     fp32, tokenizer = load_causal_lm(artifacts, chain_of(artifacts, "sft"))
     fast, _ = load_causal_lm(artifacts, chain_of(artifacts, "sft"))
-    loaded_embedding = fast.model.embed_tokens.weight.data_ptr()
     fast = to_numeric_path(fast.eval(), "int8-decode")
     assert type(fast.model.layers[0].mlp.down_proj) is PrefillDecodeLinear
-    # the fp32 embedding left behind is copied out of the loaded file's mapping, so the mapping,
-    # and the fp32 linear weights merged into it, can be returned (0.4 GB on the quick sft)
-    assert fast.model.embed_tokens.weight.data_ptr() != loaded_embedding
     assert type(fast.lm_head) is PrefillDecodeLinear
     ids = tokenizer("Adam was proposed by", return_tensors="pt")["input_ids"]
     with torch.no_grad():
@@ -104,6 +100,33 @@ def test_int8_decode_model_generates_like_fp32(served_artifacts):
     assert not torch.equal(decoded, teacher), "decode steps must run the int8 weights"
     for step in range(7):
         assert torch.corrcoef(torch.stack([decoded[step], teacher[step]]))[0, 1] > 0.99, step
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_int8_decode_keeps_one_full_precision_copy_of_each_weight(served_artifacts, monkeypatch, native_bf16):
+    """With a bf16 prompt the loaded fp32 weights go, and what stays (the embedding) is copied
+    out of the loaded file's mapping, so the mapping and the fp32 weights merged into it can be
+    returned (0.4 GB on the quick sft). With an fp32 prompt the layers read the loaded weights
+    themselves: nothing is copied, and the tied lm_head shares the embedding's (113 MB on
+    SmolLM2-135M)."""
+    from pipeline import int8_decode
+    from pipeline.artifacts import Artifacts
+    from pipeline.training import chain_of, load_causal_lm
+
+    monkeypatch.setattr(int8_decode, "has_native_bf16", lambda: native_bf16)
+    artifacts = Artifacts(served_artifacts)
+    model, _ = load_causal_lm(artifacts, chain_of(artifacts, "sft"))
+    assert model.lm_head.weight is model.model.embed_tokens.weight, "the tiny model ties them, as SmolLM2 does"
+    loaded = {name: tensor.data_ptr() for name, tensor in model.named_parameters()}
+    fast = to_numeric_path(model.eval(), "int8-decode")
+    embedding, down = fast.model.embed_tokens.weight, fast.model.layers[0].mlp.down_proj
+    if native_bf16:
+        assert down.weight.dtype == fast.lm_head.weight.dtype == torch.bfloat16
+        assert embedding.data_ptr() != loaded["model.embed_tokens.weight"]
+    else:
+        assert down.weight.data_ptr() == loaded["model.layers.0.mlp.down_proj.weight"]
+        assert fast.lm_head.weight.data_ptr() == embedding.data_ptr() == loaded["model.embed_tokens.weight"]
 
 
 def test_unknown_path_is_named():
