@@ -151,14 +151,14 @@ def in_context(replies: list[str], i: int) -> str:
 
 
 def question_likelihoods(model, tokenizer, question: str, sentences: list[str]) -> list[float]:
-    """Mean log p(question tokens | sentence) per sentence, one batch; an fp32 model in bf16
+    """Mean log p(question tokens | sentence) per sentence, one packed pass; an fp32 model in bf16
     where the CPU multiplies bf16 natively (pipeline.scoring.scoring_precision)."""
-    from pipeline.scoring import answer_logprobs, scoring_precision
+    from pipeline.scoring import packed_answer_logprobs, scoring_precision
 
     prompts = [QUESTION_PROMPT.format(sentence=s) for s in sentences]
     asked = " " + question.strip()
     with scoring_precision(model):
-        totals = answer_logprobs(model, tokenizer, prompts, [asked] * len(sentences), batch_size=len(sentences))
+        totals = packed_answer_logprobs(model, tokenizer, prompts, [asked] * len(sentences))
     length = max(1, len(tokenizer(asked, add_special_tokens=False)["input_ids"]))
     return [t / length for t in totals]
 

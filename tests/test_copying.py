@@ -192,6 +192,22 @@ def test_featurize_scores_every_candidate_with_the_reader_and_the_model():
     assert [overlap_only.reply(c) for c in cands] == ["The paper used p = 0.5 [2]."]
 
 
+def test_packed_likelihoods_equal_the_padded_batch():
+    """Rows laid end to end with restarting positions score as the padded batch does: each row
+    attends only within itself (a row reading its neighbours would move these by whole nats)."""
+    from pipeline.scoring import answer_logprobs, packed_answer_logprobs
+
+    tokenizer = build_tokenizer()
+    model = build_tiny_llama(len(tokenizer)).eval()
+    prompts = ["Passage: The paper used p = 0.5.\nQuestion:", "Passage: Adam was proposed in 2014 by Kingma.\nQuestion:",
+               "Passage: Dropout.\nQuestion:"]
+    answers = [" Which value did the paper use?", " Who proposed Adam?", " What is dropout in a network?"]
+    padded = answer_logprobs(model, tokenizer, prompts, answers, batch_size=3)
+    packed = packed_answer_logprobs(model, tokenizer, prompts, answers)
+    assert len(set(np.round(padded, 4))) == 3
+    np.testing.assert_allclose(packed, padded, rtol=0, atol=1e-4)
+
+
 def test_a_copying_file_naming_unknown_features_is_refused_with_the_fix():
     from pipeline.errors import UserError
 
