@@ -72,15 +72,13 @@ class Server:
     def memory_mb(self) -> dict:
         """The server's resident (VmRSS) and peak resident (VmHWM) memory now, in MB (NaN
         where /proc cannot be read)."""
-        found = {}
+        from pipeline.bench.memory import status_mb
+
         try:
-            for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-                key, _, value = line.partition(":")
-                if key in ("VmRSS", "VmHWM"):
-                    found[key] = round(int(value.split()[0]) / 1024, 1)
-        except OSError:
-            pass
-        return {"rss_mb": found.get("VmRSS", float("nan")), "peak_rss_mb": found.get("VmHWM", float("nan"))}
+            measured = status_mb(self.process.pid)
+        except (OSError, KeyError):
+            return {"rss_mb": float("nan"), "peak_rss_mb": float("nan")}
+        return {"rss_mb": measured["rss_mb"], "peak_rss_mb": measured["peak_mb"]}
 
     def kill(self) -> None:
         if self.process and self.process.poll() is None:

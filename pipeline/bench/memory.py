@@ -14,9 +14,10 @@ import sys
 from pathlib import Path
 
 
-def status_mb() -> dict:
-    """This process's resident (VmRSS) and peak resident (VmHWM) memory, in MB."""
-    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+def status_mb(pid: int | str = "self") -> dict:
+    """A process's resident (VmRSS) and peak resident (VmHWM) memory, in MB (this process's by
+    default); OSError where /proc cannot read it."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
     return {key: round(int(fields[name].split()[0]) / 1024, 1) for key, name in (("rss_mb", "VmRSS"),
                                                                                   ("peak_mb", "VmHWM"))}
 
